@@ -1,0 +1,700 @@
+"""
+Dataset Policy Gradient (DPG) in one file.
+
+Thrush et al., "Synthetic Data for any Differentiable Target", arXiv 2604.08423.
+A generator LM writes examples x_i; a target LM is fine-tuned on them (the inner SFT);
+the reward of x_i is the exact metagradient r_i = dPhi(A(D, eps)) / d eps_i at eps = 1,
+taken by differentiating through every inner optimizer step; the generator is updated by
+REINFORCE with those rewards.
+
+    python dpg.py --task uuid                  # tiny offline models, a few minutes on a CPU
+    python dpg.py --task 67 --reward naive     # the dataset-level baseline
+    python dpg.py --bench                      # cost of exact rewards vs plain SFT
+    python -m pytest -q test_dpg.py            # gradients against finite differences & co.
+
+Read next to the paper: section numbers refer to SPEC-style notes in README.md.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import struct
+import zlib
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+
+@dataclass
+class Config:
+    """Everything a run needs; every field is a --flag (underscores become dashes)."""
+    task: str = "uuid"
+    """qr | 67 | l2 | uuid | language"""
+    reward: str = "dpg"
+    """dpg (exact metagradient per example) or naive (one Phi per dataset, SPEC section 1)"""
+    seed: int = 0
+    """seeds models, sampling and prompts; the same seed gives the same summary.json"""
+    steps: int = None
+    """generator steps (None: the task's default)"""
+    prompts: int = 16
+    """P prompts per generator step"""
+    rollouts: int = 4
+    """G rollouts per prompt: the GRPO group; N = P * G examples per step"""
+    max_new_tokens: int = None
+    """response length cap (None: the task's default)"""
+    temperature: float = 1.0
+    """sampling temperature"""
+    lr: float = None
+    """generator AdamW learning rate (None: the task's default)"""
+    clip: float = 1.0
+    """generator gradient-norm clip"""
+    inner_opt: str = None
+    """inner optimizer, adam or sgd (None: the task's default)"""
+    inner_lr: float = None
+    """inner learning rate (None: the task's default)"""
+    micro_batch: int = 0
+    """B; 0 = all N examples in one microbatch (M = 1 inner step)"""
+    grad_accum: int = 1
+    """K microbatches per inner step"""
+    seq_len: int = 64
+    """L: target tokens per example (responses are cut, padding counts in the 1/L)"""
+    lang: str = "es"
+    """language task: es, fr, de or it"""
+    generator: str = "tiny"
+    """'tiny' (built here, offline), 'smollm2', a .gguf file, a local folder or a hub id"""
+    target: str = "tiny"
+    """as --generator"""
+    device: str = "cpu"
+    """cpu, cuda or mps"""
+    threads: int = 0
+    """torch CPU threads; 0 = 1 for the tiny models (they gain nothing from more, and OpenMP
+    spin-waiting made them 50x slower when another process shared the 2 cores), all otherwise"""
+    log_every: int = 5
+    """steps between success measurements (each costs one plain inner SFT)"""
+    out: str = ""
+    """output folder (default runs/<task>-<seed>, runs/<task>-naive-<seed> for naive)"""
+    resume: bool = False
+    """continue from out/checkpoint.pt"""
+    bench: bool = False
+    """print the cost benchmark of exact rewards instead of training"""
+
+
+
+# ----------------------------------------------------------------------------- the inner SFT
+
+
+def sequence_losses(model, params, ids, mask):
+    """Per-example SFT loss  l_j = (1/L) sum_tau mask_j,tau * CE_j,tau.
+
+    ids, mask: (N, T) long, right-padded, ids[:, 0] is BOS and is never a label; L = T - 1
+    label positions, so padding counts in the denominator (as in the official code). Returns (N,).
+    """
+    logits = functional_call(model, params, (ids,), {"attention_mask": mask}).logits  # (N, T, V)
+    ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # (N, T-1)
+    return (ce * mask[:, 1:]).sum(1) / ce.shape[1]
+
+
+@dataclass
+class Inner:
+    """Hyper-parameters of the inner fine-tuning A(D, eps) (SPEC section 2 defaults)."""
+    lr: float = 5e-6
+    """constant learning rate"""
+    micro_batch: int = 8
+    """B: examples per microbatch; the step gradient averages over it"""
+    grad_accum: int = 1
+    """K: microbatches whose mean gradients are summed into one step"""
+    optimizer: str = "adam"
+    """'adam' (AdamW, optax semantics) or 'sgd' (no momentum, no weight decay)"""
+    betas: tuple = (0.9, 0.95)
+    """Adam b1, b2"""
+    eps: float = 1e-8
+    """Adam eps, outside the square root"""
+    eps_root: float = 1e-9
+    """Adam eps_root, inside the square root; 0 makes rows with zero gradient NaN under d/d eps"""
+    weight_decay: float = 1e-4
+    """decoupled weight decay on all parameters (Adam only)"""
+
+
+def inner_step(loss_fn, state, eps, t, hp, create_graph=False):
+    """One optimizer step t (0-based) of the inner loop; state = (w, m, v) dicts of tensors.
+
+    The step uses the distinct examples [t*B*K, (t+1)*B*K): one pass over the data.
+    """
+    w, m, v = state
+    B, K = hp.micro_batch, hp.grad_accum
+    keys = list(w)
+    g = None
+    for k in range(K):  # gradient accumulation: microbatch means, summed over K
+        idx = torch.arange((t * K + k) * B, (t * K + k + 1) * B)
+        # g_t = grad_w sum_k (1/B) sum_{j in microbatch k} eps_j l_j(w_t)
+        loss = (eps[idx] * loss_fn(w, idx)).sum() / B
+        gk = torch.autograd.grad(loss, [w[n] for n in keys], create_graph=create_graph, allow_unused=True)
+        gk = [torch.zeros_like(w[n]) if x is None else x for n, x in zip(keys, gk)]
+        g = gk if g is None else [a + b for a, b in zip(g, gk)]
+    if hp.optimizer == "sgd":
+        # w <- w - lr g
+        return {n: w[n] - hp.lr * gn for n, gn in zip(keys, g)}, m, v
+    b1, b2 = hp.betas
+    new_w, new_m, new_v = {}, {}, {}
+    for n, gn in zip(keys, g):
+        # m <- b1 m + (1-b1) g ;  v <- b2 v + (1-b2) g^2
+        new_m[n] = b1 * m[n] + (1 - b1) * gn
+        new_v[n] = b2 * v[n] + (1 - b2) * gn * gn
+        # u = m_hat / (sqrt(v_hat + eps_root) + eps) + wd w ;  w <- w - lr u
+        m_hat, v_hat = new_m[n] / (1 - b1 ** (t + 1)), new_v[n] / (1 - b2 ** (t + 1))
+        u = m_hat / (torch.sqrt(v_hat + hp.eps_root) + hp.eps) + hp.weight_decay * w[n]
+        new_w[n] = w[n] - hp.lr * u
+    return new_w, new_m, new_v
+
+
+def n_inner_steps(n, hp):
+    """M = N / (B K); refuses a dataset that does not split into whole steps."""
+    if n % (hp.micro_batch * hp.grad_accum):
+        raise ValueError(f"{n} examples do not split into steps of micro_batch*grad_accum = "
+                         f"{hp.micro_batch}*{hp.grad_accum}; change --micro-batch/--grad-accum or the batch")
+    return n // (hp.micro_batch * hp.grad_accum)
+
+
+def inner_sft(loss_fn, params, eps, hp, create_graph=False):
+    """A(D, eps): train from `params` on N examples with per-example loss weights eps (N,).
+
+    loss_fn(w, idx) -> (len(idx),) per-example losses of examples idx under weights w.
+    Fresh optimizer state on every call. With create_graph=True the returned weights are a
+    differentiable function of eps (and of params): the full unroll.
+    """
+    w = {n: p if p.requires_grad else p.detach().requires_grad_(True) for n, p in params.items()}
+    state = (w, {n: torch.zeros_like(p) for n, p in w.items()}, {n: torch.zeros_like(p) for n, p in w.items()})
+    for t in range(n_inner_steps(eps.shape[0], hp)):
+        state = inner_step(loss_fn, state, eps, t, hp, create_graph)
+        if not create_graph:  # plain SFT: cut the graph after every step
+            state = tuple({n: x.detach().requires_grad_(i == 0) for n, x in s.items()} for i, s in enumerate(state))
+    return state[0]
+
+
+def check_rewards(r, hp):
+    """Refuse non-finite rewards with the reason, rather than training on them."""
+    if torch.isfinite(r).all():
+        return r
+    hint = ""
+    if hp.optimizer == "adam" and hp.eps_root == 0:
+        hint = (" With eps_root = 0, parameters that get no gradient (unused vocabulary rows) put "
+                "sqrt(0) in Adam's denominator, whose derivative is infinite: set eps_root > 0 (1e-9).")
+    raise FloatingPointError(f"{int((~torch.isfinite(r)).sum())} of {r.numel()} DPG rewards are NaN/inf.{hint}"
+                             " Otherwise lower the inner lr or use float64.")
+
+
+def dpg_rewards(loss_fn, params, n, phi, hp, sweep=False):
+    """Exact DPG rewards r_i = dPhi(A(D, eps)) / d eps_i at eps = 1, all i from one reverse pass.
+
+    phi(w) -> scalar, higher is better. Returns (Phi(A(D)), r) with r of shape (N,).
+    This is the true derivative; the official code returns B times it (a per-microbatch VJP quirk).
+    sweep=False differentiates the full unroll (fastest; memory grows with the M inner steps).
+    sweep=True stores each step's state, then walks back one recomputed step at a time: the same
+    numbers with the activations of a single step in memory.
+    """
+    p0 = next(iter(params.values()))
+    eps = torch.ones(n, dtype=p0.dtype, device=p0.device, requires_grad=True)
+    if not sweep:
+        w = inner_sft(loss_fn, params, eps, hp, create_graph=True)
+        value = phi(w)
+        (r,) = torch.autograd.grad(value, eps)
+        return value.detach(), check_rewards(r, hp)
+    # forward: plain training, remembering every state s_t = (w_t, m_t, v_t)
+    detach = lambda s: tuple({k: x.detach() for k, x in d.items()} for d in s)
+    w0 = {k: x.detach() for k, x in params.items()}
+    states = [(w0, {k: torch.zeros_like(x) for k, x in w0.items()}, {k: torch.zeros_like(x) for k, x in w0.items()})]
+    for t in range(n_inner_steps(n, hp)):
+        s = tuple({k: x.requires_grad_(True) for k, x in d.items()} for d in detach(states[-1]))
+        states.append(detach(inner_step(loss_fn, s, eps.detach(), t, hp)))
+    w_M = {k: x.requires_grad_(True) for k, x in states[-1][0].items()}
+    value = phi(w_M)
+    adj_w = torch.autograd.grad(value, list(w_M.values()), allow_unused=True)
+    adjoint = [torch.zeros_like(x) if a is None else a for a, x in zip(adj_w, w_M.values())]
+    adjoint += [torch.zeros_like(x) for d in states[-1][1:] for x in d.values()]
+    r = torch.zeros_like(eps)
+    # reverse: (dPhi/ds_t, dPhi/deps) += VJP of one recomputed step with the adjoint of s_{t+1}
+    for t in reversed(range(len(states) - 1)):
+        s = tuple({k: x.requires_grad_(True) for k, x in d.items()} for d in detach(states[t]))
+        out = inner_step(loss_fn, s, eps, t, hp, create_graph=True)
+        ins = [x for d in s for x in d.values()]
+        outs, adj = zip(*[(o, a) for o, a in zip([x for d in out for x in d.values()], adjoint) if o.requires_grad])
+        grads = torch.autograd.grad(outs, ins + [eps], grad_outputs=adj, allow_unused=True)
+        adjoint = [torch.zeros_like(x) if gr is None else gr for gr, x in zip(grads[:-1], ins)]
+        r = r + grads[-1]
+    return value.detach(), check_rewards(r, hp)
+
+
+# ----------------------------------------------------------------------------- the five metrics Phi
+
+# The "67" target: rows = hidden dims 0-5, columns = vocabulary ids 0-6, -1 = dark (SPEC section 3).
+PATTERN_67 = ((1, 1, 1, 1, -1, -1, -1), (-1, -1, -1, 1, 1, 1, -1), (-1, 1, 1, 1, 1, 1, -1),
+              (-1, -1, -1, 1, 1, 1, -1), (-1, 1, -1, 1, 1, 1, -1), (-1, -1, -1, 1, 1, 1, 1))
+UUID = "5f0c2e8a-3b6d-4c1f-9e7a-2d8b4a6c0e13"
+# QR: a version-1 (21x21) code, level L, alphanumeric mode, of the paper's address; made once with a
+# QR library (not a dependency) and checked to decode with OpenCV. '#' = dark module (S = -1).
+QR_TEXT = "ARXIV.ORG/ABS/2604.08423"
+QR_CODE = (
+    "#######..#..#.#######",
+    "#.....#.###.#.#.....#",
+    "#.###.#...##..#.###.#",
+    "#.###.#.###...#.###.#",
+    "#.###.#..####.#.###.#",
+    "#.....#.##.##.#.....#",
+    "#######.#.#.#.#######",
+    ".........#..#........",
+    "#####.####.###.#.#.#.",
+    "#.#..#..#...#.#.#..#.",
+    ".##...###..#.#.#.#.##",
+    "###..#.#.##...#.#..#.",
+    "###.######.#.#####.##",
+    "........#...##..##.#.",
+    "#######.#####...##...",
+    "#.....#.....##.####..",
+    "#.###.#.###.##.##..##",
+    "#.###.#.##..###..##..",
+    "#.###.#.#.#.#..###...",
+    "#.....#.##..#..####.#",
+    "#######.###.####.....",
+)
+
+
+def lm_head(w):
+    """W = the target's LM head as (hidden, vocab), i.e. lm_head.weight.T."""
+    return w["lm_head.weight"].T
+
+
+def pattern_phi(W, W0, S, sharpness=20.0):
+    """QR / 67: Phi = -mean softplus(-20 S * Delta), Delta = W[:r,:c] - W_init[:r,:c]; S in {+-1}^(r,c)."""
+    delta = W[: S.shape[0], : S.shape[1]] - W0[: S.shape[0], : S.shape[1]]
+    return -F.softplus(-sharpness * S * delta).mean()
+
+
+def pixel_accuracy(W, W0, S):
+    """Share of the patch whose sign(Delta) equals S (-1 = dark)."""
+    delta = W[: S.shape[0], : S.shape[1]] - W0[: S.shape[0], : S.shape[1]]
+    return (torch.sign(delta) == S).double().mean().item()
+
+
+def l2_phi(W):
+    """L2: Phi = -||W||_F over the whole head."""
+    return -W.norm()
+
+
+def lm_phi(model, w, ids, mask):
+    """UUID / language: Phi = -mean CE of the masked label tokens. ids (N, T), mask (N, T) marks labels."""
+    logits = functional_call(model, w, (ids,)).logits[:, :-1]  # (N, T-1, V)
+    ce = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (N, T-1)
+    return -(ce * mask[:, 1:]).sum() / mask[:, 1:].sum()
+
+
+# ~25 very common function words per language; overlaps (la, de, il...) count for each language.
+STOP_WORDS = {
+    "en": set("the and of to in is was that it for with as his her on they at by this from but were are have had which she he".split()),
+    "es": set("el la los las de del y en que un una es por con para se su sus al lo como pero más fue era muy".split()),
+    "fr": set("le la les de des du et en un une est que qui dans pour pas sur au aux avec il elle ce son sa ses sont était".split()),
+    "de": set("der die das und ist nicht ein eine zu den dem mit sich des auf für im von es sie er auch war wird nach bei aus".split()),
+    "it": set("il lo la gli le di del della che e è un una per con non sono nel nella da dei si come ma più era anche".split()),
+}
+
+
+def language_of(text):
+    """Stop-word language identifier, independent of Phi: 'en'|'es'|'fr'|'de'|'it' or None."""
+    words = [w for w in "".join(c if c.isalpha() else " " for c in text.lower()).split()]
+    hits = sorted(((sum(w in STOP_WORDS[k] for w in words), k) for k in STOP_WORDS), reverse=True)
+    (best, lang), (second, _) = hits[0], hits[1]
+    return lang if best >= 2 and best > second else None
+
+
+def save_png(path, img, scale=10, quiet=4):
+    """Write a 2-D 0/1 (or bool) array, 1 = dark, as a black-on-white 8-bit grayscale PNG.
+
+    Each module becomes a scale x scale block; a `quiet`-module white border is added.
+    Pure zlib + struct; the file is written atomically (path + '.tmp', then os.replace).
+    """
+    rows = [[1 if bool(v) else 0 for v in row] for row in (img.tolist() if hasattr(img, "tolist") else img)]
+    w = len(rows[0]) + 2 * quiet
+    pad = [[0] * w] * quiet                                   # quiet zone rows (light)
+    grid = pad + [[0] * quiet + r + [0] * quiet for r in rows] + pad
+    raw = b"".join(                                           # filter byte 0, then pixels (0 = black)
+        b"\x00" + bytes(0 if v else 255 for v in row for _ in range(scale))
+        for row in grid for _ in range(scale))
+
+    def chunk(tag, data):                                     # length, tag, data, CRC over tag+data
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    ihdr = struct.pack(">IIBBBBB", w * scale, len(grid) * scale, 8, 0, 0, 0, 0)  # 8-bit gray
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+    with open(path + ".tmp", "wb") as f:
+        f.write(png)
+    os.replace(path + ".tmp", path)
+
+# ----------------------------------------------------------------------------- models and data
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PASSAGES_EN = (  # inline so that dpg.py copied alone still has prompts; data/en.txt adds more
+    "The river runs through the old town, past the mill and the stone bridge, and in spring the water rises high.",
+    "Bees visit thousands of flowers each day, carrying pollen from one blossom to the next as they gather nectar.",
+    "The library opened at nine, and by noon every table was taken by students reading for their exams.",
+    "Bread is made from flour, water, salt and yeast, kneaded, left to rise, and baked in a hot oven.",
+    "On clear nights the mountain village sees thousands of stars, and the cold air carries every sound.",
+    "The city council voted to plant trees along the main avenue to give shade during the long summer.",
+    "A lighthouse stands on the rocky cape, its lamp turning all night to warn ships away from the reef.",
+    "The orchestra tuned their instruments while the audience settled, and then the hall fell silent.",
+)
+
+
+def read_passages(lang):
+    """Blank-line separated passages of data/<lang>.txt (English falls back to the inline ones)."""
+    path = os.path.join(HERE, "data", f"{lang}.txt")
+    if not os.path.exists(path):
+        if lang == "en":
+            return list(PASSAGES_EN)
+        raise FileNotFoundError(f"{path} is missing: the language task needs data/{lang}.txt next to dpg.py")
+    with open(path, encoding="utf-8") as f:
+        return [" ".join(p.split()) for p in f.read().split("\n\n") if p.strip()]
+
+
+def byte_tokenizer():
+    """GPT-2's byte alphabet with no merges: ids 0-255 are exactly GPT-2's first 256 tokens
+    ('!' = 0, '"' = 1, ...), so the LM-head patch covers the same tokens as in the paper; 256 = EOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    chars = [chr(b) for b in bs] + [chr(256 + i) for i, b in enumerate(b for b in range(256) if b not in bs)]
+    vocab = {c: i for i, c in enumerate(chars)} | {"<|endoftext|>": 256}
+    tk = Tokenizer(models.BPE(vocab, []))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    eos = "<|endoftext|>"
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=eos, eos_token=eos, pad_token=eos)
+
+
+def tiny_gpt2(vocab, d, layers, seed, tie=True, positions=256):
+    """A small GPT-2 with eager attention (SDPA has no double backward) and dropout off."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=d, n_layer=layers, n_head=4,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tie,
+                     bos_token_id=vocab - 1, eos_token_id=vocab - 1, attn_implementation="eager")
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def pretrain(model, tok, texts, steps, seed, seq_len=64, batch=16, lr=3e-3):
+    """A few hundred steps of plain LM training so the tiny models know some text to begin with."""
+    data = torch.tensor(tok("\n\n".join(texts))["input_ids"])
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - seq_len, (batch,), generator=g).tolist()
+        x = torch.stack([data[s: s + seq_len] for s in starts])  # (batch, seq_len)
+        loss = model(x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def untie_head(model):
+    """Give the LM head its own copy of the input embedding: a tied head cannot show a pattern."""
+    model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    return model
+
+
+def encode_for_target(tok, texts, seq_len):
+    """Re-tokenize response texts with the target's tokenizer: [BOS] + tokens, right-padded to T = seq_len + 1."""
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else bos
+    ids = torch.full((len(texts), seq_len + 1), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for j, t in enumerate(tok(list(texts), add_special_tokens=False)["input_ids"]):
+        t = [bos] + t[:seq_len]
+        ids[j, : len(t)], mask[j, : len(t)] = torch.tensor(t), 1
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------- the generator
+
+
+@torch.no_grad()
+def sample(gen, tok, prompts, rollouts, max_new_tokens, temperature):
+    """G rollouts per prompt with the KV cache. Rows p*G .. p*G+G-1 answer prompt p.
+
+    Returns ids (N, Tp+Tr), attn (N, Tp+Tr), n_prompt = Tp, response mask (N, Tr) up to and
+    including the first EOS, and the response texts.
+    """
+    tok.padding_side = "left"
+    enc = tok(list(prompts), return_tensors="pt", padding=True).to(gen.device)
+    out = gen.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                       max_new_tokens=max_new_tokens, num_return_sequences=rollouts,
+                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    n_prompt = enc["input_ids"].shape[1]
+    resp = out[:, n_prompt:]  # (N, Tr)
+    is_eos = (resp == tok.eos_token_id).long()
+    rmask = ((is_eos.cumsum(1) - is_eos) == 0).long()  # nothing after the first EOS
+    attn = torch.cat([enc["attention_mask"].repeat_interleave(rollouts, 0), rmask], 1)
+    texts = tok.batch_decode(resp * rmask + tok.eos_token_id * (1 - rmask), skip_special_tokens=True)
+    return dict(ids=out, attn=attn, n_prompt=n_prompt, rmask=rmask, texts=texts)
+
+
+def response_logprobs(gen, batch, temperature):
+    """log pi_theta(x_i) = sum over response tokens of log-softmax(logits / temperature). Returns (N,)."""
+    ids, attn, n = batch["ids"], batch["attn"], batch["n_prompt"]
+    pos = (attn.cumsum(1) - 1).clamp(min=0)  # left padding: positions count real tokens only
+    logits = gen(ids, attention_mask=attn, position_ids=pos).logits[:, n - 1: -1].float() / temperature
+    logp = torch.log_softmax(logits, -1).gather(-1, ids[:, n:, None])[..., 0]  # (N, Tr)
+    return (logp * batch["rmask"]).sum(1)
+
+
+def group_advantages(r, group):
+    """GRPO advantage A_i = (r_i - mean_group) / std_group, made scale-free: DPG rewards of real
+    models are ~1e-9, so no absolute epsilon (verl's 1e-6 would swamp them); a group whose
+    rewards are all equal (to 1e-6 of the largest) gets A = 0."""
+    r = r.view(-1, group)  # (P, G)
+    centered, std = r - r.mean(1, keepdim=True), r.std(1, keepdim=True) if group > 1 else torch.zeros_like(r[:, :1])
+    ok = std > 1e-6 * r.abs().max()
+    return torch.where(ok, centered / torch.where(ok, std, 1.0), 0.0).flatten()
+
+
+def reinforce_step(gen, opt, batch, advantages, temperature, clip):
+    """grad J ~= sum_i A_i grad log pi_theta(x_i): one AdamW step on -mean_i A_i log pi(x_i)."""
+    loss = -(advantages.detach() * response_logprobs(gen, batch, temperature)).mean()
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(gen.parameters(), clip)
+    opt.step()
+    return loss.item()
+
+
+def naive_rewards(loss_fn, params, n, group, phi, hp):
+    """Naive baseline: split the batch into G datasets D_k holding rollout k of every prompt,
+    train a target on each, and give every member of D_k the same reward Phi(A(D_k))."""
+    r, p0 = torch.empty(n), next(iter(params.values()))
+    hp_k = dataclasses.replace(hp, micro_batch=max(1, hp.micro_batch // group))
+    for k in range(group):
+        idx = torch.arange(k, n, group)  # (N/G,) one rollout per prompt
+        w = inner_sft(lambda w, j: loss_fn(w, idx[j]), params, torch.ones(len(idx), dtype=p0.dtype), hp_k)
+        with torch.no_grad():
+            r[idx] = phi(w).float()
+    return r
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def make_task(cfg, target, tok, w0):
+    """Phi(w) (higher is better) and measure(w, texts) -> success figures, for one task.
+
+    w0: the target's pretrained weights (dict); Phi of the head tasks reads Delta = W - W0.
+    """
+    if cfg.task not in TASK_DEFAULTS:
+        raise ValueError(f"unknown task {cfg.task!r}: choose one of {', '.join(TASK_DEFAULTS)}")
+    if cfg.task in ("qr", "67", "l2"):
+        if "lm_head.weight" not in w0:
+            raise ValueError("the target's LM head is tied to its input embedding (or not named lm_head): "
+                             "a tied head cannot show a pattern; call untie_head(target) first")
+        W0 = lm_head(w0).detach()
+    if cfg.task in ("qr", "67"):
+        S = torch.tensor(PATTERN_67 if cfg.task == "67" else [[-1 if c == "#" else 1 for c in row] for row in QR_CODE],
+                         dtype=W0.dtype, device=W0.device)  # (r, c), -1 = dark
+        if S.shape[0] > W0.shape[0] or S.shape[1] > W0.shape[1]:
+            raise ValueError(f"the {cfg.task} patch is {tuple(S.shape)} but the target's head W is only "
+                             f"{tuple(W0.shape)} (hidden, vocab): use a target with hidden >= {S.shape[0]} "
+                             f"and vocabulary >= {S.shape[1]}")
+        return (lambda w: pattern_phi(lm_head(w), W0, S),
+                lambda w, texts: {"pixel_accuracy": pixel_accuracy(lm_head(w), W0, S)})
+    if cfg.task == "l2":
+        return lambda w: l2_phi(lm_head(w)), lambda w, texts: {"lm_head_norm": lm_head(w).norm().item()}
+    if cfg.task == "uuid":
+        ids, mask = encode_for_target(tok, [UUID], len(tok(UUID, add_special_tokens=False)["input_ids"]))
+        n_tok = int(mask[:, 1:].sum())
+        phi = lambda w: lm_phi(target, w, ids, mask)
+        return phi, lambda w, texts: {"uuid_logprob": n_tok * phi(w).item()}
+    if cfg.lang not in ("es", "fr", "de", "it"):
+        raise ValueError(f"unknown --lang {cfg.lang!r}: choose es, fr, de or it")
+    ids, mask = last_word_batch(tok, read_passages(cfg.lang))
+    phi = lambda w: lm_phi(target, w, ids, mask)
+    return phi, lambda w, texts: {"target_language_share": sum(language_of(t) == cfg.lang for t in texts) / len(texts),
+                                  "last_word_loss": -phi(w).item()}
+
+
+def last_word_batch(tok, passages):
+    """LAMBADA-style: [BOS] context + ' ' + last word; only the ' '+last-word tokens are labels."""
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    rows = []
+    for p in passages:
+        context, word = p.rstrip(" .!?\"'").rsplit(" ", 1)
+        c, wd = (tok(s, add_special_tokens=False)["input_ids"] for s in (context, " " + word))
+        rows.append(([bos] + c + wd, len(c) + 1))
+    T = max(len(r) for r, _ in rows)
+    ids = torch.full((len(rows), T), bos, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for j, (r, start) in enumerate(rows):
+        ids[j, : len(r)] = torch.tensor(r)
+        mask[j, start: len(r)] = 1
+    return ids, mask
+
+# per-task defaults, tuned on 2 CPU cores with the tiny models (README: "Results")
+TASK_DEFAULTS = {
+    "qr": dict(steps=300, max_new_tokens=32, lr=3e-3, inner_opt="sgd", inner_lr=1.0),
+    "67": dict(steps=150, max_new_tokens=32, lr=3e-3, inner_opt="sgd", inner_lr=1.0),
+    "l2": dict(steps=100, max_new_tokens=32, lr=3e-3, inner_opt="sgd", inner_lr=1.0),
+    "uuid": dict(steps=150, max_new_tokens=48, lr=3e-3, inner_opt="adam", inner_lr=1e-3),
+    "language": dict(steps=150, max_new_tokens=48, lr=3e-3, inner_opt="adam", inner_lr=1e-3),
+}
+
+
+# ----------------------------------------------------------------------------- the DPG loop
+
+
+def build_models(cfg):
+    """(generator, its tokenizer, target, its tokenizer). 'tiny': GPT-2-shaped models on GPT-2's
+    byte alphabet, pre-trained here for a few seconds (generator on all data/ languages, mostly
+    English; target on English only) so they start from text rather than noise."""
+    if cfg.generator != "tiny" or cfg.target != "tiny":
+        return load_pair(cfg)
+    tok = byte_tokenizer()
+    en = read_passages("en")
+    other = [p for lang in ("es", "fr", "de", "it") if os.path.exists(os.path.join(HERE, "data", f"{lang}.txt"))
+             for p in read_passages(lang)]
+    gen = pretrain(tiny_gpt2(len(tok), 64, 2, cfg.seed), tok, en * 3 + other, 300, cfg.seed)
+    target = untie_head(pretrain(tiny_gpt2(len(tok), 32, 2, cfg.seed + 1), tok, en, 300, cfg.seed + 1))
+    return gen, tok, target, tok
+
+
+def prompt_texts(tok, passages, step, P):
+    """P prompts for this step, cycling through the passages; the chat template when there is one.
+    No prompt ever mentions the objective."""
+    chosen = [passages[(step * P + i) % len(passages)] for i in range(P)]
+    if getattr(tok, "chat_template", None):
+        return [tok.apply_chat_template([{"role": "user", "content": "Rephrase this passage:\n\n" + p}],
+                                        add_generation_prompt=True, tokenize=False) for p in chosen]
+    return ["Rephrase: " + p[:120] + "\n" for p in chosen]
+
+
+def write_json(path, obj):
+    """Atomic: a Ctrl-C never leaves half a file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def run(cfg):
+    """Train the generator with DPG (or the naive baseline); write metrics, summary, PNG, model."""
+    cfg = resolve(cfg)
+    out = cfg.out or os.path.join("runs", f"{cfg.task}-{'naive-' if cfg.reward == 'naive' else ''}{cfg.seed}")
+    os.makedirs(out, exist_ok=True)
+    torch.set_num_threads(cfg.threads or (1 if cfg.generator == cfg.target == "tiny" else os.cpu_count()))
+    gen, gtok, target, ttok = build_models(cfg)
+    dev = torch.device(cfg.device)
+    gen, target = gen.to(dev), target.to(dev)
+    w0 = {n: p.detach() for n, p in target.named_parameters()}
+    phi, measure = make_task(cfg, target, ttok, w0)
+    N, G = cfg.prompts * cfg.rollouts, cfg.rollouts
+    hp = Inner(lr=cfg.inner_lr, micro_batch=cfg.micro_batch or N, grad_accum=cfg.grad_accum, optimizer=cfg.inner_opt)
+    n_inner_steps(N, hp)
+    passages = read_passages("en")
+    opt = torch.optim.AdamW(gen.parameters(), lr=cfg.lr)
+
+    def rollout(step, seed):
+        torch.manual_seed(seed)  # per-step seeding: a resumed run samples exactly what it would have
+        batch = sample(gen, gtok, prompt_texts(gtok, passages, step, cfg.prompts), G, cfg.max_new_tokens, cfg.temperature)
+        ids, mask = (x.to(dev) for x in encode_for_target(ttok, batch["texts"], cfg.seq_len))
+        return batch, lambda w, idx: sequence_losses(target, w, ids[idx], mask[idx])
+
+    def evaluate(batch, loss_fn):
+        w = inner_sft(loss_fn, w0, torch.ones(N, device=dev), hp)
+        with torch.no_grad():
+            return {"phi": phi(w).item(), **measure(w, batch["texts"])}, w
+
+    start, elapsed, ckpt = 0, 0.0, os.path.join(out, "checkpoint.pt")
+    if cfg.resume and os.path.exists(ckpt):
+        state = torch.load(ckpt, weights_only=False)
+        gen.load_state_dict(state["generator"])
+        opt.load_state_dict(state["optimizer"])
+        start, elapsed = state["step"], state["seconds"]
+    eval_seed = 1_000_003 * (cfg.seed + 1)
+    before, _ = evaluate(*rollout(0, eval_seed))
+    print(f"{cfg.task} {cfg.reward}: N={N} examples/step, M={n_inner_steps(N, hp)} inner {hp.optimizer} step(s) "
+          f"at lr {hp.lr}; before: " + " ".join(f"{k}={v:.4g}" for k, v in before.items()))
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    keep = [l for l in open(metrics_path)][:start] if start and os.path.exists(metrics_path) else []
+    with open(metrics_path, "w") as log:
+        log.writelines(keep)
+        for step in range(start, cfg.steps):
+            t0 = time.time()
+            batch, loss_fn = rollout(step, cfg.seed * 1_000_003 + step)
+            if cfg.reward == "dpg":
+                value, r = dpg_rewards(loss_fn, w0, N, phi, hp)
+                adv = group_advantages(r, G)
+            else:
+                r = naive_rewards(loss_fn, w0, N, G, phi, hp)
+                value, adv = r.mean(), group_advantages(r, N)  # one baseline over the whole batch
+            reinforce_step(gen, opt, batch, adv.to(dev), cfg.temperature, cfg.clip)
+            row = {"step": step, "phi": value.item(), "reward_std": r.std().item(), "seconds": time.time() - t0}
+            if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                row |= evaluate(batch, loss_fn)[0] | {"phi": value.item()}
+            elapsed += row["seconds"]
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+            torch.save({"generator": gen.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
+                        "seconds": elapsed}, ckpt + ".tmp")
+            os.replace(ckpt + ".tmp", ckpt)
+    after, w = evaluate(*rollout(0, eval_seed))
+    summary = {"task": cfg.task, "reward": cfg.reward, "seed": cfg.seed, "steps": cfg.steps, "seconds": round(elapsed, 1),
+               "phi_before": before["phi"], "phi_after": after["phi"]}
+    summary |= {f"{k}_before": v for k, v in before.items() if k != "phi"}
+    summary |= {f"{k}_after": v for k, v in after.items() if k != "phi"}
+    if cfg.task == "uuid":
+        summary |= {"uuid_in_greedy": uuid_in_greedy(gen, gtok, passages, cfg)}
+    if cfg.task in ("qr", "67"):
+        W, W0 = lm_head(w), lm_head(w0)
+        S = len(QR_CODE) if cfg.task == "qr" else (len(PATTERN_67), len(PATTERN_67[0]))
+        rows, cols = (S, S) if cfg.task == "qr" else S
+        save_png(os.path.join(out, f"{cfg.task}.png"), ((W - W0)[:rows, :cols] < 0).tolist())
+    gen.save_pretrained(os.path.join(out, "generator"))
+    write_json(os.path.join(out, "summary.json"), summary | {"config": dataclasses.asdict(cfg)})
+    print(json.dumps(summary))
+    return summary
+
+
+def uuid_in_greedy(gen, tok, passages, cfg):
+    """Does the exact UUID appear in the generator's greedy answer to any of 4 prompts?"""
+    tok.padding_side = "left"
+    enc = tok(prompt_texts(tok, passages, 0, 4), return_tensors="pt", padding=True).to(gen.device)
+    out = gen.generate(**enc, do_sample=False, max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id)
+    return any(UUID in t for t in tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+
+
+def resolve(cfg):
+    """Fill the task's defaults into the fields left at None."""
+    if cfg.task not in TASK_DEFAULTS:
+        raise ValueError(f"unknown task {cfg.task!r}: choose one of {', '.join(TASK_DEFAULTS)}")
+    if cfg.reward not in ("dpg", "naive"):
+        raise ValueError(f"unknown --reward {cfg.reward!r}: choose dpg or naive")
+    return dataclasses.replace(cfg, **{k: v for k, v in TASK_DEFAULTS[cfg.task].items() if getattr(cfg, k) is None})
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            p.add_argument(flag, action="store_true")
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            p.add_argument(flag, type=typ, default=f.default)
+    cfg = Config(**vars(p.parse_args(argv)))
+    if cfg.bench:
+        return benchmark()
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()
