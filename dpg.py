@@ -68,6 +68,8 @@ class Config:
     """'tiny' (built here, offline), 'smollm2', a .gguf file, a local folder or a hub id"""
     target: str = "tiny"
     """as --generator"""
+    pretrain_steps: int = 300
+    """LM steps that pre-train the tiny models on the built-in text (a few seconds)"""
     device: str = "cpu"
     """cpu, cuda or mps"""
     threads: int = 0
@@ -373,14 +375,20 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=eos, eos_token=eos, pad_token=eos)
 
 
-def tiny_gpt2(vocab, d, layers, seed, tie=True, positions=256):
-    """A small GPT-2 with eager attention (SDPA has no double backward) and dropout off."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+def tiny_lm(arch, vocab, d, layers, seed, tie=True, positions=256):
+    """A small GPT-2- or Llama-shaped LM with eager attention (SDPA has no double backward), dropout off."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=d, n_layer=layers, n_head=4,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tie,
-                     bos_token_id=vocab - 1, eos_token_id=vocab - 1, attn_implementation="eager")
-    return GPT2LMHeadModel(cfg).eval()
+    if arch == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=d, n_layer=layers, n_head=4,
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tie,
+                         bos_token_id=vocab - 1, eos_token_id=vocab - 1, attn_implementation="eager")
+        return GPT2LMHeadModel(cfg).eval()
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=positions,
+                      tie_word_embeddings=tie, bos_token_id=vocab - 1, eos_token_id=vocab - 1,
+                      attn_implementation="eager")
+    return LlamaForCausalLM(cfg).eval()
 
 
 def pretrain(model, tok, texts, steps, seed, seq_len=64, batch=16, lr=3e-3):
@@ -553,18 +561,23 @@ TASK_DEFAULTS = {
 
 
 def build_models(cfg):
-    """(generator, its tokenizer, target, its tokenizer). 'tiny': GPT-2-shaped models on GPT-2's
-    byte alphabet, pre-trained here for a few seconds (generator on all data/ languages, mostly
-    English; target on English only) so they start from text rather than noise."""
+    """(generator, its tokenizer, target, its tokenizer). 'tiny': models on GPT-2's byte alphabet.
+    The generator (GPT-2-shaped, d=64) is pre-trained here for a few seconds on all data/ languages,
+    mostly English, so it starts from text rather than noise. The target (Llama-shaped, d=64) is
+    pre-trained on English for the LM tasks but left at its initialization for the head tasks:
+    our short pre-training gives its final hidden states large per-dimension offsets (like GPT-2's
+    massive activations), after which no context has the sign pattern some 67/QR columns need."""
     if cfg.generator != "tiny" or cfg.target != "tiny":
         return load_pair(cfg)
     tok = byte_tokenizer()
     en = read_passages("en")
     other = [p for lang in ("es", "fr", "de", "it") if os.path.exists(os.path.join(HERE, "data", f"{lang}.txt"))
              for p in read_passages(lang)]
-    gen = pretrain(tiny_gpt2(len(tok), 64, 2, cfg.seed), tok, en * 3 + other, 300, cfg.seed)
-    target = untie_head(pretrain(tiny_gpt2(len(tok), 32, 2, cfg.seed + 1), tok, en, 300, cfg.seed + 1))
-    return gen, tok, target, tok
+    gen = pretrain(tiny_lm("gpt2", len(tok), 64, 2, cfg.seed), tok, en * 3 + other, cfg.pretrain_steps, cfg.seed)
+    target = tiny_lm("llama", len(tok), 64, 2, cfg.seed + 1)
+    if cfg.task in ("uuid", "language"):
+        target = pretrain(target, tok, en, cfg.pretrain_steps, cfg.seed + 1)
+    return gen, tok, untie_head(target), tok
 
 
 def prompt_texts(tok, passages, step, P):

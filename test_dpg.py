@@ -1,0 +1,519 @@
+"""Every test compares numbers with an independent oracle: float64 finite differences, closed
+forms, leave-one-out retraining, exhaustive enumeration, or a hand computation.
+
+    python -m pytest -q test_dpg.py          # add -s to see the printed figures
+"""
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers.models.llama import modeling_llama
+
+import dpg
+
+torch.set_num_threads(1)  # tiny models: threads only add OpenMP spin-waiting
+HERE = os.path.dirname(os.path.abspath(__file__))
+V = 13  # vocabulary of the toy targets
+
+
+def toy_target(arch="gpt2", d=8, seed=0, dtype=torch.float64):
+    """A tiny untied causal LM in eager attention, dropout off."""
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        cfg = GPT2Config(vocab_size=V, n_positions=16, n_embd=d, n_layer=2, n_head=2, resid_pdrop=0.0,
+                         embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False, bos_token_id=0,
+                         eos_token_id=0, attn_implementation="eager")
+        model = GPT2LMHeadModel(cfg)
+    else:
+        cfg = LlamaConfig(vocab_size=V, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+                          tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, attn_implementation="eager")
+        model = LlamaForCausalLM(cfg)
+        for m in model.modules():  # HF's RMSNorm computes in float32 even in a float64 model, which
+            if type(m).__name__ == "LlamaRMSNorm":  # would leave 1e-8 noise in Phi and spoil the FD oracle
+                m.forward = lambda x, m=m: m.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon)
+        modeling_llama.eager_attention_forward = eager_attention_fp64  # same reason: its softmax is float32
+    return model.to(dtype).eval()
+
+
+def eager_attention_fp64(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Llama's eager attention without its float32 softmax (float64 stays float64)."""
+    key, value = (modeling_llama.repeat_kv(x, module.num_key_value_groups) for x in (key, value))
+    weights = query @ key.transpose(2, 3) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask[..., : key.shape[-2]]
+    weights = torch.softmax(weights, -1)
+    return (weights @ value).transpose(1, 2).contiguous(), weights
+
+
+def toy_data(n, T=7, seed=0):
+    """n right-padded sequences over tokens 1..V-1, BOS = 0, lengths 3..T."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, V, (n, T), generator=g)
+    ids[:, 0] = 0
+    mask = torch.ones_like(ids)
+    for j in range(n):
+        mask[j, 3 + j % (T - 2):] = 0
+    return ids * mask, mask
+
+
+def setup(arch="gpt2", n=12, seed=0):
+    model = toy_target(arch, seed=seed)
+    ids, mask = toy_data(n, seed=seed)
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    loss_fn = lambda w, idx: dpg.sequence_losses(model, w, ids[idx], mask[idx])
+    W0 = dpg.lm_head(params).clone()
+    S = torch.tensor(dpg.PATTERN_67, dtype=torch.float64)
+    # a Phi touching the head (pattern) and the body (a norm): every parameter matters
+    phi = lambda w: dpg.pattern_phi(dpg.lm_head(w), W0, S) - 0.1 * next(iter(w.values())).norm()
+    return model, params, loss_fn, phi
+
+
+def fd_rewards(loss_fn, params, n, phi, hp, h=1e-6):
+    """Central finite differences of Phi(A(D, eps)) in each eps_i, float64."""
+    out = []
+    for i in range(n):
+        e = torch.ones(n, dtype=torch.float64)
+        e[i] += h
+        up = phi(dpg.inner_sft(loss_fn, params, e, hp)).item()
+        e[i] -= 2 * h
+        down = phi(dpg.inner_sft(loss_fn, params, e, hp)).item()
+        out.append((up - down) / (2 * h))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# ----------------------------------------------------------------------------- (a) finite differences
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("opt,lr", [("adam", 3e-2), ("sgd", 0.5)])
+def test_rewards_match_finite_differences(arch, opt, lr):
+    n = 12  # B=2, K=2 -> M=3 inner steps; toy_data pads most examples
+    _, params, loss_fn, phi = setup(arch, n)
+    hp = dpg.Inner(lr=lr, micro_batch=2, grad_accum=2, optimizer=opt)
+    value, r = dpg.dpg_rewards(loss_fn, params, n, phi, hp)
+    fd = fd_rewards(loss_fn, params, n, phi, hp)
+    err = rel_err(r, fd)
+    print(f"\n{arch} {opt}: Phi={value.item():.6f} max|r|={r.abs().max().item():.3e} rel err vs FD {err:.2e}")
+    assert err <= 1e-5
+    assert torch.allclose(value, phi(dpg.inner_sft(loss_fn, params, torch.ones(n, dtype=torch.float64), hp)))
+
+
+@pytest.mark.parametrize("opt", ["adam", "sgd"])
+def test_reverse_sweep_equals_unroll(opt):
+    """Two implementations of the same derivative: full unroll and step-by-step reverse sweep."""
+    _, params, loss_fn, phi = setup("llama", 12, seed=1)
+    hp = dpg.Inner(lr=3e-2, micro_batch=2, grad_accum=2, optimizer=opt)
+    _, r_unroll = dpg.dpg_rewards(loss_fn, params, 12, phi, hp)
+    _, r_sweep = dpg.dpg_rewards(loss_fn, params, 12, phi, hp, sweep=True)
+    assert rel_err(r_sweep, r_unroll) <= 1e-10
+
+
+# ----------------------------------------------------------------------------- (b) closed forms, M = 1
+
+
+def per_example_grads(loss_fn, params, n):
+    """grad_w l_j(w0) for each j, flattened: (n, P)."""
+    w = {k: p.detach().requires_grad_(True) for k, p in params.items()}
+    rows = []
+    for j in range(n):
+        g = torch.autograd.grad(loss_fn(w, torch.tensor([j]))[0], list(w.values()), allow_unused=True)
+        rows.append(torch.cat([(torch.zeros_like(p) if x is None else x).flatten() for x, p in zip(g, w.values())]))
+    return torch.stack(rows)
+
+
+def grad_phi(phi, w):
+    w = {k: p.detach().requires_grad_(True) for k, p in w.items()}
+    g = torch.autograd.grad(phi(w), list(w.values()), allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if x is None else x).flatten() for x, p in zip(g, w.values())])
+
+
+def test_sgd_one_step_closed_form():
+    # r_j = -(lr/B) < grad Phi(w_1), grad l_j(w_0) >
+    n, lr = 6, 0.3
+    _, params, loss_fn, phi = setup("gpt2", n)
+    hp = dpg.Inner(lr=lr, micro_batch=n, optimizer="sgd")
+    _, r = dpg.dpg_rewards(loss_fn, params, n, phi, hp)
+    w1 = dpg.inner_sft(loss_fn, params, torch.ones(n, dtype=torch.float64), hp)
+    oracle = -(lr / n) * per_example_grads(loss_fn, params, n) @ grad_phi(phi, w1)
+    assert rel_err(r, oracle) <= 1e-8
+
+
+def test_adam_one_step_closed_form():
+    # first Adam step: u = g/(s+eps) + wd w0 with s = sqrt(g^2 + eps_root), so
+    # du/dg = (eps_root/s + eps)/(s + eps)^2 and r_j = -lr < grad Phi(w_1), du/dg * grad l_j(w_0) / B >
+    n, lr, eps_root = 6, 1e-2, 1e-6  # eps_root large enough that du/dg is not negligible
+    _, params, loss_fn, phi = setup("llama", n)
+    hp = dpg.Inner(lr=lr, micro_batch=n, optimizer="adam", eps_root=eps_root)
+    _, r = dpg.dpg_rewards(loss_fn, params, n, phi, hp)
+    w1 = dpg.inner_sft(loss_fn, params, torch.ones(n, dtype=torch.float64), hp)
+    G = per_example_grads(loss_fn, params, n)  # (n, P)
+    g = G.mean(0)
+    s = torch.sqrt(g * g + eps_root)
+    du_dg = (eps_root / s + hp.eps) / (s + hp.eps) ** 2
+    oracle = -lr * (G / n * du_dg) @ grad_phi(phi, w1)
+    assert rel_err(r, oracle) <= 1e-8
+
+
+# ----------------------------------------------------------------------------- (c) leave-one-out
+
+
+def test_rewards_approach_leave_one_out_as_lr_falls():
+    """Phi(A(D)) - Phi(A(D \\ i)), D \\ i = retrain with eps_i = 0 (i removed, the others keep their
+    batches), differs from r_i by a second-order term: relative error O(lr) for SGD."""
+    n = 8
+    _, params, loss_fn, phi = setup("gpt2", n, seed=2)
+    errors = []
+    for lr in (0.1, 0.01, 0.001):
+        hp = dpg.Inner(lr=lr, micro_batch=2, grad_accum=2, optimizer="sgd")
+        value, r = dpg.dpg_rewards(loss_fn, params, n, phi, hp)
+        loo = []
+        for i in range(n):
+            e = torch.ones(n, dtype=torch.float64)
+            e[i] = 0.0
+            loo.append(value.item() - phi(dpg.inner_sft(loss_fn, params, e, hp)).item())
+        errors.append(rel_err(r, torch.tensor(loo, dtype=torch.float64)))
+    print("\nrelative error of r vs leave-one-out at inner lr 0.1, 0.01, 0.001:", ", ".join(f"{e:.2e}" for e in errors))
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 0.2 * errors[1] and errors[2] < 1e-2
+
+
+# ----------------------------------------------------------------------------- (e) non-finite rewards
+
+
+def test_eps_root_zero_is_caught_by_name():
+    """Vocabulary rows that no example uses get g = 0 exactly; with eps_root = 0, d sqrt(v)/dv is
+    infinite there. nn.Embedding's gather backward happens to drop the resulting NaN, so this uses a
+    dense one-hot embedding (as JAX-style code does), where it reaches the rewards."""
+    g = torch.Generator().manual_seed(0)
+    params = {"E": torch.randn(V, 4, generator=g, dtype=torch.float64), "U": torch.randn(4, V, generator=g, dtype=torch.float64)}
+    x = torch.randint(0, 5, (4, 6), generator=g)  # tokens 5..V-1 never appear
+
+    def loss_fn(w, idx):
+        h = F.one_hot(x[idx, :-1], V).double() @ w["E"]  # (n, T-1, 4)
+        return F.cross_entropy((h @ w["U"]).transpose(1, 2), x[idx, 1:], reduction="none").mean(1)
+
+    phi = lambda w: -w["E"].pow(2).sum()
+    with pytest.raises(FloatingPointError, match="eps_root"):
+        dpg.dpg_rewards(loss_fn, params, 4, phi, dpg.Inner(lr=1e-2, micro_batch=4, eps_root=0.0))
+    _, r = dpg.dpg_rewards(loss_fn, params, 4, phi, dpg.Inner(lr=1e-2, micro_batch=4))  # eps_root = 1e-9: fine
+    assert torch.isfinite(r).all() and r.abs().max() > 0
+
+
+def test_non_finite_rewards_raise():
+    with pytest.raises(FloatingPointError, match="NaN/inf"):
+        dpg.check_rewards(torch.tensor([0.1, float("nan"), 0.2]), dpg.Inner(optimizer="sgd"))
+
+
+# ----------------------------------------------------------------------------- (d) the theorem by enumeration
+#
+# The DPG theorem, checked against an exact enumeration oracle.
+#
+# A categorical generator pi_theta over a few fixed token sequences writes a dataset D of n
+# i.i.d. draws; a tiny float64 GPT-2 is fine-tuned on D (dpg.inner_sft); Phi = minus its mean CE
+# on a held-out text. With few candidates and small n every dataset can be enumerated, so
+# grad J = E_D[Phi(A(D)) sum_i grad log pi(x_i)] and the exact mean and variance of the DPG
+# estimator g_dpg(D) = sum_i r_i grad log pi(x_i) and of the dataset-level estimator
+# g_naive(D) = (Phi(A(D)) - E[Phi]) sum_i grad log pi(x_i) are plain weighted sums.
+#
+# Why n = 10 for the variance claim: g_naive multiplies Phi's dependence on x_i by the scores of
+# all n draws, so it carries n(n-1) cross terms that are pure noise, while g_dpg pairs each score
+# with its own reward. To first order in lr the variance ratio therefore grows about linearly in n
+# (measured at lr 0.03, seed 0: 2.7, 4.4, 6.0, 9.5, 13.0, 16.5 for n = 2, 3, 4, 6, 8, 10; 12-22 at
+# n = 10 over seeds 0-3). It shrinks as lr grows (n = 10, lr 0.3: 4-7), where r_i depends more on
+# the rest of D, so 10x is out of reach at n = 3-4 without rigging Phi or the baseline. 4^10 ordered
+# datasets are too many, but one full-batch SGD step is invariant to the order of D, so we
+# enumerate multisets with multinomial weights (validated against ordered enumeration at n = 3).
+
+# Candidates share BOS=0 and vocabulary 12; they agree with the held-out text to different degrees,
+# so which ones the generator picks really changes Phi.
+CANDS = torch.tensor([[0, 3, 4, 5, 6, 7],    # the held-out text itself
+                      [0, 3, 4, 9, 10, 11],  # right start, wrong end
+                      [0, 5, 6, 7, 8, 3],    # held-out bigrams, shifted
+                      [0, 8, 9, 1, 2, 10]])  # unrelated
+HELD = torch.tensor([[0, 3, 4, 5, 6, 7], [0, 4, 5, 6, 7, 8]])
+THETA = torch.tensor([0.4, -0.3, 0.1, 0.2], dtype=torch.float64)  # non-uniform generator logits
+
+
+def enum_target(seed=0):
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=12, n_positions=8, n_embd=12, n_layer=1, n_head=2, bos_token_id=0,
+                     eos_token_id=0, tie_word_embeddings=False, resid_pdrop=0.0, embd_pdrop=0.0,
+                     attn_pdrop=0.0, attn_implementation="eager")
+    model = GPT2LMHeadModel(cfg).double().eval()
+    return model, {k: v.detach() for k, v in model.named_parameters()}
+
+
+def ordered_datasets(K, n):
+    return [(list(D), 1) for D in itertools.product(range(K), repeat=n)]
+
+
+def multisets(K, n):
+    """Each multiset once, weighted by the number of orderings: exact when A ignores the order."""
+    out = []
+    for D in itertools.combinations_with_replacement(range(K), n):
+        counts = [D.count(k) for k in range(K)]
+        out.append((list(D), math.factorial(n) // math.prod(math.factorial(c) for c in counts)))
+    return out
+
+
+def oracle(datasets, hp, theta=THETA, seed=0):
+    """Per dataset: P(D), Phi(A(D)), g_dpg(D), sum_i grad log pi(x_i); then the exact moments."""
+    model, params = enum_target(seed)
+    phi = lambda w: -dpg.sequence_losses(model, w, HELD, torch.ones_like(HELD)).mean()
+    K = len(theta)
+    pi, eye = theta.softmax(0), torch.eye(K, dtype=theta.dtype)
+    P, PH, GD, SC = [], [], [], []
+    for D, mult in datasets:
+        ids = CANDS[D]
+        loss_fn = lambda w, idx: dpg.sequence_losses(model, w, ids[idx], torch.ones_like(ids[idx]))
+        value, r = dpg.dpg_rewards(loss_fn, params, len(D), phi, hp)
+        # value must be what plain SFT (eps = 1) reaches, not only what the unroll reports
+        w = dpg.inner_sft(loss_fn, params, torch.ones(len(D), dtype=theta.dtype), hp)
+        torch.testing.assert_close(phi(w).detach(), value)
+        score = eye[D] - pi  # grad_theta log pi(x_i) = onehot(x_i) - pi, (n, K)
+        P.append(mult * pi[D].prod()), PH.append(value), GD.append(r @ score), SC.append(score.sum(0))
+    P, PH, GD, SC = map(torch.stack, (P, PH, GD, SC))
+    assert abs(P.sum().item() - 1) < 1e-12, "enumeration must cover every dataset"
+    b = P @ PH  # the fairest constant baseline: E[Phi] exactly
+    GN = (PH - b)[:, None] * SC
+    E_dpg, E_naive = P @ GD, P @ GN
+    var = lambda G, E: (P @ ((G - E) ** 2).sum(1)).item()  # E||g - E g||^2, one dataset per sample
+    return dict(grad_J=(P * PH) @ SC, E_dpg=E_dpg, E_naive=E_naive, var_dpg=var(GD, E_dpg),
+                var_naive=var(GN, E_naive), Phi=PH, datasets=datasets)
+
+
+def autograd_grad_J(o, theta=THETA):
+    """grad J by differentiating J(theta) = sum_D P_theta(D) Phi(A(D)): independent of the score formula."""
+    th = theta.clone().requires_grad_(True)
+    logp = th.log_softmax(0)
+    J = sum(mult * logp[D].sum().exp() * ph for (D, mult), ph in zip(o["datasets"], o["Phi"]))
+    return torch.autograd.grad(J, th)[0]
+
+
+def report(tag, o):
+    cos = torch.nn.functional.cosine_similarity(o["E_dpg"], o["grad_J"], dim=0).item()
+    norm_ratio = (o["E_dpg"].norm() / o["grad_J"].norm()).item()
+    var_ratio = o["var_naive"] / o["var_dpg"]
+    print(f"\n[{tag}] {len(o['datasets'])} datasets  cos(E g_dpg, grad J) = {cos:.5f}  "
+          f"|E g_dpg|/|grad J| = {norm_ratio:.4f}  |grad J| = {o['grad_J'].norm():.4g}  "
+          f"Var naive = {o['var_naive']:.4g}  Var dpg = {o['var_dpg']:.4g}  ratio = {var_ratio:.2f}")
+    return cos, norm_ratio, var_ratio
+
+
+def check_unbiasedness(o):
+    # the score identity: the score formula is grad J, and a constant baseline leaves the mean alone
+    torch.testing.assert_close(o["grad_J"], autograd_grad_J(o), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(o["E_naive"], o["grad_J"], rtol=1e-9, atol=1e-12)
+
+
+def test_theorem_by_enumeration():
+    t0 = time.time()
+    # n = 10 draws, one full-batch SGD step: lr small enough that r_i ~ Phi(D) - Phi(D with eps_i = 0)
+    o = oracle(multisets(len(THETA), 10), dpg.Inner(lr=0.03, micro_batch=10, optimizer="sgd"))
+    cos, norm_ratio, var_ratio = report("n=10, 1 SGD step, lr 0.03", o)
+    check_unbiasedness(o)
+    assert cos >= 0.99
+    # the cosine is blind to scale; r_i must be dPhi/deps_i itself (not, e.g., B times it)
+    assert 0.9 < norm_ratio < 1.1
+    assert var_ratio >= 10
+    print(f"runtime {time.time() - t0:.1f}s")
+
+
+def test_theorem_ordered_and_multistep():
+    t0 = time.time()
+    # the multiset shortcut used above equals brute-force ordered enumeration (n = 3, one step)
+    hp = dpg.Inner(lr=0.03, micro_batch=3, optimizer="sgd")
+    a, b = oracle(ordered_datasets(len(THETA), 3), hp), oracle(multisets(len(THETA), 3), hp)
+    for k in ("grad_J", "E_dpg", "var_dpg", "var_naive"):
+        torch.testing.assert_close(torch.as_tensor(a[k]), torch.as_tensor(b[k]), rtol=1e-9, atol=1e-12)
+    cos, _, var_ratio = report("n=3, 1 SGD step, lr 0.03, ordered", a)
+    assert cos >= 0.99 and var_ratio > 1
+    # order matters with 2 steps of 2: the metagradient flows through both steps
+    o = oracle(ordered_datasets(len(THETA), 4), dpg.Inner(lr=0.01, micro_batch=2, optimizer="sgd"))
+    cos, norm_ratio, var_ratio = report("n=4, 2 SGD steps of 2, lr 0.01, ordered", o)
+    check_unbiasedness(o)
+    assert cos >= 0.99 and 0.9 < norm_ratio < 1.1 and var_ratio > 1
+    print(f"runtime {time.time() - t0:.1f}s")
+
+
+# ----------------------------------------------------------------------------- metrics against hand computations
+
+
+def test_pattern_phi_and_pixel_accuracy_by_hand():
+    W0 = torch.zeros(3, 4)
+    W = W0.clone()
+    W[:2, :2] = torch.tensor([[0.1, -0.2], [-0.05, 0.0]])
+    S = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])
+    # signs of Delta: [[+, -], [-, 0]] vs S: [[+, +], [-, -]] -> 2 of 4 right (sign 0 is never right)
+    assert dpg.pixel_accuracy(W, W0, S) == 0.5
+    softplus = lambda x: torch.log1p(torch.exp(torch.tensor(x))).item()
+    hand = -(softplus(-2.0) + softplus(4.0) + softplus(-1.0) + softplus(0.0)) / 4
+    assert abs(dpg.pattern_phi(W, W0, S).item() - hand) < 1e-6
+
+
+def test_l2_phi_gradient_is_minus_w_over_norm():
+    W = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(dpg.l2_phi(W), W)
+    assert torch.allclose(g, -W / torch.sqrt((W * W).sum()))
+
+
+def test_lm_phi_is_hf_mean_token_loss():
+    """-lm_phi equals the Hugging Face model's own mean token cross-entropy on the same labels."""
+    model = toy_target("llama", seed=4)
+    ids, _ = toy_data(3, seed=4)
+    mask = torch.zeros_like(ids)
+    mask[:, 3:6] = 1  # only these positions are labels
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    labels = torch.where(mask.bool(), ids, -100)
+    hf = model(ids, labels=labels).loss
+    assert abs(dpg.lm_phi(model, params, ids, mask).item() + hf.item()) < 1e-6  # HF upcasts to float32 only
+
+
+def test_sequence_losses_by_hand():
+    """l_j = (1/L) sum mask * CE with padding in the denominator, against an explicit loop."""
+    model = toy_target("gpt2", seed=5)
+    ids, mask = toy_data(4, seed=5)
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    got = dpg.sequence_losses(model, params, ids, mask)
+    for j in range(4):
+        logits = model(ids[j: j + 1]).logits[0]
+        ce = [F.cross_entropy(logits[t], ids[j, t + 1]).item() for t in range(ids.shape[1] - 1) if mask[j, t + 1]]
+        assert abs(got[j].item() - sum(ce) / (ids.shape[1] - 1)) < 1e-10
+
+
+def test_uuid_logprob_by_chain_rule():
+    """The UUID metric equals the sum of next-token log-probs computed one prefix at a time."""
+    tok = dpg.byte_tokenizer()
+    model = dpg.tiny_lm("gpt2", len(tok), 32, 1, seed=0).double()
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    cfg = dpg.Config(task="uuid")
+    phi, measure = dpg.make_task(cfg, model, tok, params)
+    seq = [tok.eos_token_id] + tok(dpg.UUID)["input_ids"]
+    hand = sum(torch.log_softmax(model(torch.tensor([seq[:t]])).logits[0, -1], -1)[seq[t]].item() for t in range(1, len(seq)))
+    assert abs(measure(params, [])["uuid_logprob"] - hand) < 1e-8
+    assert abs(phi(params).item() - hand / (len(seq) - 1)) < 1e-10
+
+
+def test_language_identifier_on_data_and_noise():
+    for lang in ("en", "es", "fr", "de", "it"):
+        passages = dpg.read_passages(lang)
+        assert sum(dpg.language_of(p) == lang for p in passages) == len(passages)
+    g = torch.Generator().manual_seed(0)
+    noise = "".join(chr(97 + int(c)) for c in torch.randint(0, 26, (400,), generator=g))
+    assert dpg.language_of(noise) is None
+
+
+def test_group_advantages_by_hand_and_scale_free():
+    r = torch.tensor([1.0, 3.0, 5.0, 2.0, 2.0, 2.0])
+    a = dpg.group_advantages(r, 3)
+    assert torch.allclose(a, torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]))  # std of (1,3,5) is 2
+    assert torch.allclose(dpg.group_advantages(r * 1e-9, 3), a, atol=1e-6)  # DPG rewards of real models are ~1e-9
+
+
+def test_naive_rewards_grouping():
+    """Dataset k holds rollout k of every prompt; each member gets Phi of a target trained on it alone."""
+    P, G = 3, 2
+    _, params, loss_fn, phi = setup("gpt2", P * G, seed=6)
+    hp = dpg.Inner(lr=0.1, micro_batch=P * G, optimizer="sgd")
+    r = dpg.naive_rewards(loss_fn, params, P * G, G, phi, hp)
+    for k in range(G):
+        members = [p * G + k for p in range(P)]
+        sub = lambda w, idx: loss_fn(w, torch.tensor(members)[idx])
+        hp_k = dpg.Inner(lr=0.1, micro_batch=P, optimizer="sgd")
+        expected = phi(dpg.inner_sft(sub, params, torch.ones(P, dtype=torch.float64), hp_k)).item()
+        assert torch.allclose(r[members], torch.tensor(expected, dtype=r.dtype))
+    assert r[0] != r[1]
+
+
+def test_byte_tokenizer_is_gpt2_byte_alphabet():
+    """ids 0..20 are GPT-2's first 21 tokens, so the QR patch covers the paper's tokens."""
+    tok = dpg.byte_tokenizer()
+    assert tok.convert_ids_to_tokens(list(range(21))) == list('!"#$%&\'()*+,-./012345')
+    text = "Grüße, ¿qué tal? 5f0c-2e8a\n"
+    assert tok.decode(tok(text)["input_ids"]) == text and len(tok(text)["input_ids"]) == len(text.encode())
+
+
+def test_qr_literal_is_a_valid_version1_code():
+    """Finder and timing patterns in place and the 15 format bits a valid BCH(15,5) codeword."""
+    M = [[c == "#" for c in row] for row in dpg.QR_CODE]
+    assert len(M) == 21 and all(len(r) == 21 for r in M)
+    finder = [[max(abs(i - 3), abs(j - 3)) != 2 for j in range(7)] for i in range(7)]  # light ring at distance 2
+    for r0, c0 in ((0, 0), (0, 14), (14, 0)):
+        assert [[M[r0 + i][c0 + j] for j in range(7)] for i in range(7)] == finder
+    assert [M[6][j] for j in range(8, 13)] == [j % 2 == 0 for j in range(8, 13)]  # timing row
+    bits = [M[8][j] for j in (0, 1, 2, 3, 4, 5, 7, 8)] + [M[i][8] for i in (7, 5, 4, 3, 2, 1, 0)]
+    word = int("".join("1" if b else "0" for b in bits), 2) ^ 0b101010000010010
+    rem = word
+    for shift in range(14, 9, -1):  # polynomial division by the generator 10100110111
+        if rem >> shift & 1:
+            rem ^= 0b10100110111 << (shift - 10)
+    assert rem == 0 and word >> 13 == 0b01  # error-correction level L
+
+
+def test_png_round_trip(tmp_path):
+    img = [[1, 0, 1], [0, 0, 1]]
+    path = str(tmp_path / "x.png")
+    dpg.save_png(path, img, scale=2, quiet=1)
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (w, h) == (10, 8)
+    idat = data.index(b"IDAT")
+    raw = zlib.decompress(data[idat + 4: idat + 4 + int.from_bytes(data[idat - 4: idat], "big")])
+    rows = [raw[i * (w + 1) + 1: (i + 1) * (w + 1)] for i in range(h)]
+    assert rows[2][2] == 0 and rows[2][4] == 255 and rows[0][0] == 255  # dark module, light module, quiet zone
+
+
+# ----------------------------------------------------------------------------- named errors
+
+
+def test_unknown_task_lang_and_oversized_patch():
+    tok = dpg.byte_tokenizer()
+    with pytest.raises(ValueError, match="unknown task"):
+        dpg.resolve(dpg.Config(task="qrcode"))
+    model = dpg.untie_head(dpg.tiny_lm("llama", len(tok), 16, 1, seed=0))
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="unknown --lang"):
+        dpg.make_task(dpg.Config(task="language", lang="xx"), model, tok, params)
+    with pytest.raises(ValueError, match="hidden >= 21"):  # hidden 16 < 21 rows of the QR code
+        dpg.make_task(dpg.Config(task="qr"), model, tok, params)
+    tied = dpg.tiny_lm("gpt2", len(tok), 32, 1, seed=0)
+    with pytest.raises(ValueError, match="tied"):
+        dpg.make_task(dpg.Config(task="67"), tied, tok, {k: p.detach() for k, p in tied.named_parameters()})
+
+
+# ----------------------------------------------------------------------------- the real CLI, one run per task
+
+
+@pytest.mark.parametrize("task", ["qr", "67", "l2", "uuid", "language"])
+def test_cli_smoke(task, tmp_path):
+    out = tmp_path / task
+    cmd = [sys.executable, os.path.join(HERE, "dpg.py"), "--task", task, "--steps", "2", "--prompts", "4",
+           "--rollouts", "2", "--pretrain-steps", "20", "--log-every", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.load(open(out / "summary.json"))
+    rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert summary["task"] == task and summary["steps"] == 2 and [r["step"] for r in rows] == [0, 1]
+    measure = {"qr": "pixel_accuracy", "67": "pixel_accuracy", "l2": "lm_head_norm", "uuid": "uuid_logprob",
+               "language": "target_language_share"}[task]
+    for key in ("phi_before", "phi_after", f"{measure}_before", f"{measure}_after"):
+        assert isinstance(summary[key], float) and summary[key] == summary[key], key
+    assert all(r["reward_std"] > 0 for r in rows)  # the rewards really vary between examples
+    if task in ("qr", "67"):
+        assert open(out / f"{task}.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.path.exists(out / "generator" / "config.json")
