@@ -37,7 +37,7 @@ class Config:
     task: str = "uuid"
     """qr | 67 | l2 | uuid | language"""
     reward: str = "dpg"
-    """dpg (exact metagradient per example) or naive (one Phi per dataset, SPEC section 1)"""
+    """dpg (exact metagradient per example) or naive (one Phi per dataset: the paper's baseline)"""
     seed: int = 0
     """seeds models, sampling and prompts; the same seed gives the same summary.json"""
     steps: int = None
@@ -54,8 +54,6 @@ class Config:
     """generator AdamW learning rate (None: the task's default)"""
     clip: float = 1.0
     """generator gradient-norm clip"""
-    entropy: float = 0.0
-    """entropy bonus of the generator update (0 = plain REINFORCE, as in the paper)"""
     inner_opt: str = None
     """inner optimizer, adam or sgd (None: the task's default)"""
     inner_lr: float = None
@@ -64,6 +62,8 @@ class Config:
     """B; 0 = all N examples in one microbatch (M = 1 inner step)"""
     grad_accum: int = 1
     """K microbatches per inner step"""
+    sweep: bool = False
+    """rewards by the reverse sweep: memory of one microbatch's graph instead of all M*K (slower)"""
     seq_len: int = 64
     """L: target tokens per example (responses are cut, padding counts in the 1/L)"""
     lang: str = "es"
@@ -81,7 +81,7 @@ class Config:
     because bf16 metagradients were ~2e-3 off and rewards are tiny differences"""
     preset: str = ""
     """'paper': the paper's bs256 shape for a GPU (256 prompts x 4 rollouts, 128 new tokens, L = 128,
-    M = 1 Adam step at lr 5e-6, B = 8 with K = 128 accumulated microbatches)"""
+    M = 1 Adam step at lr 5e-6, B = 8 with K = 128 accumulated microbatches, --sweep)"""
     threads: int = 0
     """torch CPU threads; 0 = 1 for the tiny models (they gain nothing from more, and OpenMP
     spin-waiting made them 50x slower when another process shared the 2 cores), all otherwise"""
@@ -112,7 +112,7 @@ def sequence_losses(model, params, ids, mask):
 
 @dataclass
 class Inner:
-    """Hyper-parameters of the inner fine-tuning A(D, eps) (SPEC section 2 defaults)."""
+    """Hyper-parameters of the inner fine-tuning A(D, eps); the defaults are the official GPT-2 ones."""
     lr: float = 5e-6
     """constant learning rate"""
     micro_batch: int = 8
@@ -282,7 +282,7 @@ def reverse_sweep(loss_fn, params, eps, phi, hp):
 
 # ----------------------------------------------------------------------------- the five metrics Phi
 
-# The "67" target: rows = hidden dims 0-5, columns = vocabulary ids 0-6, -1 = dark (SPEC section 3).
+# The "67" target: rows = hidden dims 0-5, columns = vocabulary ids 0-6, -1 = dark.
 PATTERN_67 = ((1, 1, 1, 1, -1, -1, -1), (-1, -1, -1, 1, 1, 1, -1), (-1, 1, 1, 1, 1, 1, -1),
               (-1, -1, -1, 1, 1, 1, -1), (-1, 1, -1, 1, 1, 1, -1), (-1, -1, -1, 1, 1, 1, 1))
 UUID = "5f0c2e8a-3b6d-4c1f-9e7a-2d8b4a6c0e13"
@@ -554,15 +554,12 @@ def sample(gen, tok, prompts, rollouts, max_new_tokens, temperature):
 
 
 def response_logprobs(gen, batch, temperature):
-    """log pi_theta(x_i) = sum over response tokens of log-softmax(logits / temperature), and the
-    policy's mean entropy per response token. Returns (N,), scalar."""
-    ids, attn, n, rmask = batch["ids"], batch["attn"], batch["n_prompt"], batch["rmask"]
+    """log pi_theta(x_i) = sum over response tokens of log-softmax(logits / temperature). Returns (N,)."""
+    ids, attn, n = batch["ids"], batch["attn"], batch["n_prompt"]
     pos = (attn.cumsum(1) - 1).clamp(min=0)  # left padding: positions count real tokens only
     logits = gen(ids, attention_mask=attn, position_ids=pos).logits[:, n - 1: -1].float() / temperature
-    logp_all = torch.log_softmax(logits, -1)  # (N, Tr, V)
-    logp = logp_all.gather(-1, ids[:, n:, None])[..., 0]  # (N, Tr)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)  # (N, Tr)
-    return (logp * rmask).sum(1), (entropy * rmask).sum() / rmask.sum()
+    logp = torch.log_softmax(logits, -1).gather(-1, ids[:, n:, None])[..., 0]  # (N, Tr)
+    return (logp * batch["rmask"]).sum(1)
 
 
 def group_advantages(r, group):
@@ -575,11 +572,9 @@ def group_advantages(r, group):
     return torch.where(ok, centered / torch.where(ok, std, 1.0), 0.0).flatten()
 
 
-def reinforce_step(gen, opt, batch, advantages, temperature, clip, entropy_bonus=0.0):
-    """grad J ~= sum_i A_i grad log pi_theta(x_i): one AdamW step on -mean_i A_i log pi(x_i),
-    optionally minus entropy_bonus * the mean token entropy (keeps exploring)."""
-    logp, entropy = response_logprobs(gen, batch, temperature)
-    loss = -(advantages.detach() * logp).mean() - entropy_bonus * entropy
+def reinforce_step(gen, opt, batch, advantages, temperature, clip):
+    """grad J ~= sum_i A_i grad log pi_theta(x_i): one AdamW step on -mean_i A_i log pi(x_i)."""
+    loss = -(advantages.detach() * response_logprobs(gen, batch, temperature)).mean()
     opt.zero_grad()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(gen.parameters(), clip)
@@ -661,7 +656,7 @@ def last_word_batch(tok, passages, context_chars=160):
 # Per-task defaults for the tiny models, tuned on 2 CPU cores (README "Results"). Head tasks start
 # from an untrained generator: our pre-trained tiny one almost never samples the patch's tokens
 # (!"#$%&'...), so REINFORCE could never find them. SGD in the inner loop: Adam's first step is
-# ~lr*sign(g), whose derivative eps_root/|g|^3 left rewards dominated by single pixels (SPEC sec. 7).
+# ~lr*sign(g), whose derivative eps_root/|g|^3 leaves rewards dominated by single pixels.
 # Groups of G = 16 rollouts give a far steadier baseline than 4 when prompts barely matter.
 _HEAD = dict(pretrain_steps=0, prompts=4, rollouts=16, max_new_tokens=32, lr=1e-2, inner_opt="sgd")
 TASK_DEFAULTS = {
@@ -761,19 +756,21 @@ def run(cfg):
     print(f"{cfg.task} {cfg.reward}: N={N} examples/step, M={n_inner_steps(N, hp)} inner {hp.optimizer} step(s) "
           f"at lr {hp.lr}; before: " + " ".join(f"{k}={v:.4g}" for k, v in before.items()))
     metrics_path = os.path.join(out, "metrics.jsonl")
-    keep = [l for l in open(metrics_path)][:start] if start and os.path.exists(metrics_path) else []
-    with open(metrics_path, "w") as log:
-        log.writelines(keep)
+    if start:  # keep the rows up to the checkpoint (atomically), then append
+        with open(metrics_path + ".tmp", "w") as f:
+            f.writelines(open(metrics_path).readlines()[:start])
+        os.replace(metrics_path + ".tmp", metrics_path)
+    with open(metrics_path, "a" if start else "w") as log:
         for step in range(start, cfg.steps):
             t0 = time.time()
             batch, loss_fn = rollout(step, cfg.seed * 1_000_003 + step)
             if cfg.reward == "dpg":
-                value, r = dpg_rewards(loss_fn, w0, N, phi, hp)
+                value, r = dpg_rewards(loss_fn, w0, N, phi, hp, sweep=cfg.sweep)
                 adv = group_advantages(r, G)
             else:
                 r = naive_rewards(loss_fn, w0, N, G, phi, hp)
                 value, adv = r.mean(), group_advantages(r, N)  # one baseline over the whole batch
-            reinforce_step(gen, opt, batch, adv.to(dev), cfg.temperature, cfg.clip, cfg.entropy)
+            reinforce_step(gen, opt, batch, adv.to(dev), cfg.temperature, cfg.clip)
             row = {"step": step, "phi": value.item(), "reward_std": r.std().item(), "seconds": time.time() - t0,
                    "response_tokens": batch["rmask"].sum(1).float().mean().item()}  # watch for collapse to EOS
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
@@ -794,10 +791,8 @@ def run(cfg):
     if cfg.task == "uuid":
         summary |= {"uuid_in_greedy": uuid_in_greedy(gen, gtok, passages, cfg)}
     if cfg.task in ("qr", "67"):
-        W, W0 = lm_head(w), lm_head(w0)
-        S = len(QR_CODE) if cfg.task == "qr" else (len(PATTERN_67), len(PATTERN_67[0]))
-        rows, cols = (S, S) if cfg.task == "qr" else S
-        save_png(os.path.join(out, f"{cfg.task}.png"), ((W - W0)[:rows, :cols] < 0).tolist())
+        rows, cols = (21, 21) if cfg.task == "qr" else (6, 7)  # dark where Delta < 0, as S = -1 is dark
+        save_png(os.path.join(out, f"{cfg.task}.png"), ((lm_head(w) - lm_head(w0))[:rows, :cols] < 0).tolist())
     gen.save_pretrained(os.path.join(out, "generator.tmp"))  # then swap, so a Ctrl-C leaves one whole copy
     shutil.rmtree(os.path.join(out, "generator"), ignore_errors=True)
     os.replace(os.path.join(out, "generator.tmp"), os.path.join(out, "generator"))
@@ -824,7 +819,7 @@ def resolve(cfg):
         raise ValueError(f"unknown --preset {cfg.preset!r}: the only preset is 'paper'")
     if cfg.preset == "paper":
         cfg = dataclasses.replace(cfg, prompts=256, rollouts=4, max_new_tokens=128, seq_len=128, inner_opt="adam",
-                                  inner_lr=cfg.inner_lr or 5e-6, micro_batch=8, grad_accum=128, lr=cfg.lr or 5e-6)
+                                  inner_lr=cfg.inner_lr or 5e-6, micro_batch=8, grad_accum=128, lr=cfg.lr or 5e-6, sweep=True)
     defaults = dict(TASK_DEFAULTS[cfg.task])
     if cfg.target != "tiny":  # real targets: the paper's Adam inner loop (lr 5e-6 GPT-2, 1e-6 Llama-1B)
         lm_task = cfg.task in ("uuid", "language")
@@ -855,9 +850,9 @@ def benchmark(seq_len=64, micro_batch=8):
         return min(r[0] for r in runs), min(r[1] for r in runs)
 
     torch.set_num_threads(os.cpu_count())
-    print(f"| target | M | N | plain SFT s | unroll / plain time | unroll / plain mem | sweep / plain time | sweep / plain mem |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, d, layers in (("tiny d=32 L=2", 32, 2), ("small d=128 L=4", 128, 4)):
+    print("| target | M | N | plain SFT s | plain SFT MB | unroll / plain time | unroll / plain mem | sweep / plain time | sweep / plain mem |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, d, layers in (("tiny d=32 L=2", 32, 2), ("small d=256 L=4", 256, 4)):
         target = untie_head(tiny_lm("llama", 257, d, layers, 0))
         w0 = {k: p.detach() for k, p in target.named_parameters()}
         S = torch.tensor(PATTERN_67, dtype=torch.float32)
@@ -871,12 +866,11 @@ def benchmark(seq_len=64, micro_batch=8):
             plain = measure(lambda: inner_sft(loss_fn, w0, torch.ones(N), hp))
             unroll = measure(lambda: dpg_rewards(loss_fn, w0, N, phi, hp))
             sweep = measure(lambda: dpg_rewards(loss_fn, w0, N, phi, hp, sweep=True))
-            print(f"| {name} | {M} | {N} | {plain[0]:.3f} | {unroll[0] / plain[0]:.2f} | {unroll[1] / plain[1]:.2f} "
-                  f"| {sweep[0] / plain[0]:.2f} | {sweep[1] / plain[1]:.2f} |", flush=True)
+            print(f"| {name} | {M} | {N} | {plain[0]:.3f} | {plain[1]:.0f} | {unroll[0] / plain[0]:.2f} | "
+                  f"{unroll[1] / plain[1]:.2f} | {sweep[0] / plain[0]:.2f} | {sweep[1] / plain[1]:.2f} |", flush=True)
         # exact attribution of all N examples vs leave-one-out retraining (N + 1 plain runs)
-        exact = measure(lambda: dpg_rewards(loss_fn, w0, N, phi, hp))[0]
-        print(f"\n{name}: exact rewards for N={N} cost {exact:.2f} s; leave-one-out retraining would cost "
-              f"(N+1) x {plain[0]:.2f} s = {(N + 1) * plain[0]:.2f} s: {(N + 1) * plain[0] / exact:.1f}x more\n", flush=True)
+        print(f"\n{name}: exact rewards for N={N} cost {unroll[0]:.2f} s; leave-one-out retraining would cost "
+              f"(N+1) x {plain[0]:.2f} s = {(N + 1) * plain[0]:.2f} s: {(N + 1) * plain[0] / unroll[0]:.1f}x more\n", flush=True)
 
 
 def main(argv=None):
