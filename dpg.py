@@ -517,13 +517,15 @@ def gguf_to_folder(path, cache_dir):
     return out
 
 
-def encode_for_target(tok, texts, seq_len):
-    """Re-tokenize response texts with the target's tokenizer: [BOS] + tokens, right-padded to T = seq_len + 1."""
+def encode_for_target(tok, texts, seq_len, tokens=None):
+    """Re-tokenize response texts with the target's tokenizer: [BOS] + tokens, right-padded to
+    T = seq_len + 1. Pass `tokens` (lists of ids) when the target shares the generator's tokenizer:
+    decoding bytes that are not valid UTF-8 and encoding them again would not give them back."""
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else bos
     ids = torch.full((len(texts), seq_len + 1), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
-    for j, t in enumerate(tok(list(texts), add_special_tokens=False)["input_ids"]):
+    for j, t in enumerate(tokens or tok(list(texts), add_special_tokens=False)["input_ids"]):
         t = [bos] + t[:seq_len]
         ids[j, : len(t)], mask[j, : len(t)] = torch.tensor(t), 1
     return ids, mask
@@ -549,8 +551,9 @@ def sample(gen, tok, prompts, rollouts, max_new_tokens, temperature):
     is_eos = (resp == tok.eos_token_id).long()
     rmask = ((is_eos.cumsum(1) - is_eos) == 0).long()  # nothing after the first EOS
     attn = torch.cat([enc["attention_mask"].repeat_interleave(rollouts, 0), rmask], 1)
-    texts = tok.batch_decode(resp * rmask + tok.eos_token_id * (1 - rmask), skip_special_tokens=True)
-    return dict(ids=out, attn=attn, n_prompt=n_prompt, rmask=rmask, texts=texts)
+    tokens = [[t for t in row if t != tok.eos_token_id] for row in (resp * rmask + tok.eos_token_id * (1 - rmask)).tolist()]
+    texts = tok.batch_decode(tokens, skip_special_tokens=True)
+    return dict(ids=out, attn=attn, n_prompt=n_prompt, rmask=rmask, texts=texts, tokens=tokens)
 
 
 def response_logprobs(gen, batch, temperature):
@@ -736,7 +739,8 @@ def run(cfg):
         torch.manual_seed(seed)  # per-step seeding: a resumed run samples exactly what it would have
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.sample_bf16):
             batch = sample(gen, gtok, prompt_texts(gtok, passages, step, cfg.prompts), G, cfg.max_new_tokens, cfg.temperature)
-        ids, mask = (x.to(dev) for x in encode_for_target(ttok, batch["texts"], cfg.seq_len))
+        same = ttok is gtok  # the tiny default: hand the token ids over, losslessly
+        ids, mask = (x.to(dev) for x in encode_for_target(ttok, batch["texts"], cfg.seq_len, batch["tokens"] if same else None))
         return batch, lambda w, idx: sequence_losses(target, w, ids[idx], mask[idx])
 
     def evaluate(batch, loss_fn):

@@ -447,6 +447,17 @@ def test_byte_tokenizer_is_gpt2_byte_alphabet():
     assert tok.decode(tok(text)["input_ids"]) == text and len(tok(text)["input_ids"]) == len(text.encode())
 
 
+def test_token_handoff_is_lossless_where_text_is_not():
+    """Bytes that are not valid UTF-8 do not survive decode -> encode, so a target that shares the
+    generator's tokenizer is given the token ids themselves."""
+    tok = dpg.byte_tokenizer()
+    tokens = [159, 0, 159, 16]  # 159 is a lone UTF-8 continuation byte
+    ids, mask = dpg.encode_for_target(tok, [tok.decode(tokens)], 8, [tokens])
+    assert ids[0, :5].tolist() == [256] + tokens and mask[0].tolist() == [1] * 5 + [0] * 4
+    lossy, _ = dpg.encode_for_target(tok, [tok.decode(tokens)], 8)
+    assert lossy[0, 1:5].tolist() != tokens  # what the text path would have trained on
+
+
 def test_qr_literal_is_a_valid_version1_code():
     """Finder and timing patterns in place and the 15 format bits a valid BCH(15,5) codeword."""
     M = [[c == "#" for c in row] for row in dpg.QR_CODE]
