@@ -225,7 +225,7 @@ def named_errors():
         if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e) or "allocate memory" in str(e):
             raise MemoryError("the inner loop ran out of memory: lower --micro-batch B (raise --grad-accum K to "
                               "keep B*K), --seq-len L, or the inner steps M = N/(B*K), or use "
-                              "dpg_rewards(sweep=True), which holds one step's activations") from e
+                              "dpg_rewards(sweep=True) (--sweep), which holds one microbatch's graph at a time") from e
         raise
 
 
@@ -235,7 +235,7 @@ def dpg_rewards(loss_fn, params, n, phi, hp, sweep=False):
     phi(w) -> scalar, higher is better. Returns (Phi(A(D)), r) with r of shape (N,).
     This is the true derivative; the official code returns B times it (a per-microbatch VJP quirk).
     sweep=False differentiates the full unroll (fastest; memory grows with the M inner steps);
-    sweep=True gives the same numbers holding a single step's activations (reverse_sweep).
+    sweep=True gives the same numbers holding one microbatch's graph at a time (reverse_sweep).
     """
     p0 = next(iter(params.values()))
     eps = torch.ones(n, dtype=p0.dtype, device=p0.device, requires_grad=True)
@@ -853,7 +853,7 @@ def benchmark(seq_len=64, micro_batch=8):
             p.join()
         return min(r[0] for r in runs), min(r[1] for r in runs)
 
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(1)  # forked children deadlock in an OpenMP pool started before the fork
     print("| target | M | N | plain SFT s | plain SFT MB | unroll / plain time | unroll / plain mem | sweep / plain time | sweep / plain mem |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, d, layers in (("tiny d=32 L=2", 32, 2), ("small d=256 L=4", 256, 4)):
