@@ -354,11 +354,12 @@ STOP_WORDS = {
 
 
 def language_of(text):
-    """Stop-word language identifier, independent of Phi: 'en'|'es'|'fr'|'de'|'it' or None."""
-    words = [w for w in "".join(c if c.isalpha() else " " for c in text.lower()).split()]
+    """Stop-word language identifier, independent of Phi: 'en'|'es'|'fr'|'de'|'it' or None. The winner
+    needs 2+ hits, more than the runner-up, and 10% of the words (letter soup is full of 'e', 'la'...)."""
+    words = "".join(c if c.isalpha() else " " for c in text.lower()).split()
     hits = sorted(((sum(w in STOP_WORDS[k] for w in words), k) for k in STOP_WORDS), reverse=True)
     (best, lang), (second, _) = hits[0], hits[1]
-    return lang if best >= 2 and best > second else None
+    return lang if best >= max(2, 0.1 * len(words)) and best > second else None
 
 
 def save_png(path, img, scale=10, quiet=4):
@@ -383,6 +384,7 @@ def save_png(path, img, scale=10, quiet=4):
     with open(path + ".tmp", "wb") as f:
         f.write(png)
     os.replace(path + ".tmp", path)
+
 
 # ----------------------------------------------------------------------------- models and data
 

@@ -413,8 +413,11 @@ def test_language_identifier_on_data_and_noise():
         passages = dpg.read_passages(lang)
         assert sum(dpg.language_of(p) == lang for p in passages) == len(passages)
     g = torch.Generator().manual_seed(0)
-    noise = "".join(chr(97 + int(c)) for c in torch.randint(0, 26, (400,), generator=g))
-    assert dpg.language_of(noise) is None
+    for _ in range(20):  # random letters, and random short "words" of them: no language
+        letters = "".join(chr(97 + int(c)) for c in torch.randint(0, 26, (400,), generator=g))
+        cuts = torch.randint(1, 6, (200,), generator=g).cumsum(0).tolist()
+        words = " ".join(letters[a:b] for a, b in zip([0] + cuts, cuts) if b <= 400)
+        assert dpg.language_of(letters) is None and dpg.language_of(words) is None
 
 
 def test_group_advantages_by_hand_and_scale_free():
