@@ -68,6 +68,8 @@ class Config:
     """L: target tokens per example (responses are cut, padding counts in the 1/L)"""
     lang: str = "es"
     """language task: es, fr, de or it"""
+    data: str = "builtin"
+    """prompts and language passages: builtin (data/, offline) or hub (LAMBADA from the HF hub)"""
     generator: str = "tiny"
     """'tiny' (built here, offline), 'smollm2', a .gguf file, a local folder or a hub id"""
     target: str = "tiny"
@@ -77,14 +79,12 @@ class Config:
     device: str = "cpu"
     """cpu, cuda or mps"""
     sample_bf16: bool = False
-    """sample under bf16 autocast (GPU speed); log-probs for the update and the inner loop stay fp32,
-    because bf16 metagradients were ~2e-3 off and rewards are tiny differences"""
+    """sample under bf16 autocast; the update's log-probs and the inner loop stay fp32 (README)"""
     preset: str = ""
     """'paper': the paper's bs256 shape for a GPU (256 prompts x 4 rollouts, 128 new tokens, L = 128,
     M = 1 Adam step at lr 5e-6, B = 8 with K = 128 accumulated microbatches, --sweep)"""
     threads: int = 0
-    """torch CPU threads; 0 = 1 for the tiny models (they gain nothing from more, and OpenMP
-    spin-waiting made them 50x slower when another process shared the 2 cores), all otherwise"""
+    """CPU threads; 0 = 1 for tiny models (OpenMP spin-waiting made them 50x slower on shared cores)"""
     log_every: int = 5
     """steps between success measurements (each costs one plain inner SFT)"""
     out: str = ""
@@ -393,16 +393,24 @@ PASSAGES_EN = (  # inline so that dpg.py copied alone still has prompts; data/en
     "The river runs through the old town, past the mill and the stone bridge, and in spring the water rises high.",
     "Bees visit thousands of flowers each day, carrying pollen from one blossom to the next as they gather nectar.",
     "The library opened at nine, and by noon every table was taken by students reading for their exams.",
-    "Bread is made from flour, water, salt and yeast, kneaded, left to rise, and baked in a hot oven.",
-    "On clear nights the mountain village sees thousands of stars, and the cold air carries every sound.",
-    "The city council voted to plant trees along the main avenue to give shade during the long summer.",
     "A lighthouse stands on the rocky cape, its lamp turning all night to warn ships away from the reef.",
     "The orchestra tuned their instruments while the audience settled, and then the hall fell silent.",
 )
 
 
-def read_passages(lang):
-    """Blank-line separated passages of data/<lang>.txt (English falls back to the inline ones)."""
+def read_passages(lang, source="builtin"):
+    """Passages in `lang`: blank-line separated in data/<lang>.txt (English falls back to the inline
+    ones), or with source='hub' the paper's LAMBADA test passages (OpenAI's English and its de/es/fr/it
+    translations) from the Hugging Face hub, falling back to the built-in text with a notice."""
+    if source == "hub":
+        try:
+            from huggingface_hub import hf_hub_download  # comes with transformers
+            path = hf_hub_download("EleutherAI/lambada_openai", f"data/lambada_test_{lang}.jsonl", repo_type="dataset",
+                                   revision="879e19a2c9bb7ef03f9cf962089cf7d008f91e27")  # the revision with jsonl files
+            with open(path, encoding="utf-8") as f:
+                return [json.loads(line)["text"] for line in f][:256]
+        except Exception as e:  # offline or blocked: say so, and use the built-in text
+            print(f"note: LAMBADA ({lang}) is not reachable on the hub ({type(e).__name__}); using the built-in passages")
     path = os.path.join(HERE, "data", f"{lang}.txt")
     if not os.path.exists(path):
         if lang == "en":
@@ -633,7 +641,7 @@ def make_task(cfg, target, tok, w0):
         return phi, lambda w, texts: {"uuid_logprob": n_tok * phi(w).item()}
     if cfg.lang not in ("es", "fr", "de", "it"):
         raise ValueError(f"unknown --lang {cfg.lang!r}: choose es, fr, de or it")
-    ids, mask = last_word_batch(tok, read_passages(cfg.lang)[:32])
+    ids, mask = last_word_batch(tok, read_passages(cfg.lang, cfg.data)[:32])
     phi = lambda w: lm_phi(target, w, ids, mask)
     return phi, lambda w, texts: {"target_language_share": sum(language_of(t) == cfg.lang for t in texts) / max(1, len(texts)),
                                   "last_word_loss": -phi(w).item()}
@@ -734,7 +742,7 @@ def run(cfg):
     N, G = cfg.prompts * cfg.rollouts, cfg.rollouts
     hp = Inner(lr=cfg.inner_lr, micro_batch=cfg.micro_batch or N, grad_accum=cfg.grad_accum, optimizer=cfg.inner_opt)
     n_inner_steps(N, hp)
-    passages = read_passages("en")
+    passages = read_passages("en", cfg.data)
     opt = torch.optim.AdamW(gen.parameters(), lr=cfg.lr)
 
     def rollout(step, seed):
@@ -846,11 +854,10 @@ def benchmark(seq_len=64, micro_batch=8):
         q.put((time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0))
 
     def measure(fn):  # (seconds, extra peak MB), best of 2
-        runs = []
+        ctx, runs = mp.get_context("fork"), []
         for _ in range(2):
-            q = mp.get_context("fork").Queue()
-            p = mp.get_context("fork").Process(target=child, args=(fn, q))
-            p.start()
+            q = ctx.Queue()
+            (p := ctx.Process(target=child, args=(fn, q))).start()
             runs.append(q.get())
             p.join()
         return min(r[0] for r in runs), min(r[1] for r in runs)

@@ -596,3 +596,11 @@ def test_resume_gives_the_uninterrupted_run(tmp_path):
     run_cli(tmp_path / "b", "--steps", "2")
     resumed, resumed_rows = run_cli(tmp_path / "b", "--steps", "4", "--resume")
     assert resumed == whole and resumed_rows == whole_rows and len(whole_rows) == 4
+
+
+def test_hub_data_falls_back_with_a_notice():
+    code = "import dpg; p = dpg.read_passages('es', 'hub'); assert p == dpg.read_passages('es'), len(p)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "not reachable on the hub" in proc.stdout and "using the built-in passages" in proc.stdout
