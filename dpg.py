@@ -549,7 +549,7 @@ def sample(gen, tok, prompts, rollouts, max_new_tokens, temperature):
     """G rollouts per prompt with the KV cache. Rows p*G .. p*G+G-1 answer prompt p.
 
     Returns ids (N, Tp+Tr), attn (N, Tp+Tr), n_prompt = Tp, response mask (N, Tr) up to and
-    including the first EOS, and the response texts.
+    including the first EOS, and the responses as texts and as token-id lists (EOS dropped).
     """
     tok.padding_side = "left"
     enc = tok(list(prompts), return_tensors="pt", padding=True).to(gen.device)
