@@ -314,6 +314,12 @@ QR_CODE = (
 )
 
 
+def pattern(task):
+    """S of the qr or 67 task as a float tensor (r, c): +1 light, -1 dark."""
+    rows = PATTERN_67 if task == "67" else [[-1 if c == "#" else 1 for c in row] for row in QR_CODE]
+    return torch.tensor(rows, dtype=torch.float32)
+
+
 def lm_head(w):
     """W = the target's LM head as (hidden, vocab), i.e. lm_head.weight.T."""
     return w["lm_head.weight"].T
@@ -624,8 +630,7 @@ def make_task(cfg, target, tok, w0):
                              "a tied head cannot show a pattern; call untie_head(target) first")
         W0 = lm_head(w0).detach()
     if cfg.task in ("qr", "67"):
-        S = torch.tensor(PATTERN_67 if cfg.task == "67" else [[-1 if c == "#" else 1 for c in row] for row in QR_CODE],
-                         dtype=W0.dtype, device=W0.device)  # (r, c), -1 = dark
+        S = pattern(cfg.task).to(W0)  # (r, c), -1 = dark
         if S.shape[0] > W0.shape[0] or S.shape[1] > W0.shape[1]:
             raise ValueError(f"the {cfg.task} patch is {tuple(S.shape)} but the target's head W is only "
                              f"{tuple(W0.shape)} (hidden, vocab): use a target with hidden >= {S.shape[0]} "
@@ -805,7 +810,7 @@ def run(cfg):
     if cfg.task == "uuid":
         summary |= {"uuid_in_greedy": uuid_in_greedy(gen, gtok, passages, cfg)}
     if cfg.task in ("qr", "67"):
-        rows, cols = (21, 21) if cfg.task == "qr" else (6, 7)  # dark where Delta < 0, as S = -1 is dark
+        rows, cols = pattern(cfg.task).shape  # dark where Delta < 0, as S = -1 is dark
         save_png(os.path.join(out, f"{cfg.task}.png"), ((lm_head(w) - lm_head(w0))[:rows, :cols] < 0).tolist())
     gen.save_pretrained(os.path.join(out, "generator.tmp"))  # then swap, so a Ctrl-C leaves one whole copy
     shutil.rmtree(os.path.join(out, "generator"), ignore_errors=True)
@@ -868,7 +873,7 @@ def benchmark(seq_len=64, micro_batch=8):
     for name, d, layers in (("tiny d=32 L=2", 32, 2), ("small d=256 L=4", 256, 4)):
         target = untie_head(tiny_lm("llama", 257, d, layers, 0))
         w0 = {k: p.detach() for k, p in target.named_parameters()}
-        S = torch.tensor(PATTERN_67, dtype=torch.float32)
+        S = pattern("67")
         phi = lambda w: pattern_phi(lm_head(w), lm_head(w0), S)
         for M in (1, 2, 4, 8):
             N = micro_batch * M
@@ -877,13 +882,13 @@ def benchmark(seq_len=64, micro_batch=8):
             loss_fn = lambda w, idx: sequence_losses(target, w, ids[idx], mask[idx])
             hp = Inner(lr=1e-3, micro_batch=micro_batch)
             plain = measure(lambda: inner_sft(loss_fn, w0, torch.ones(N), hp))
-            unroll = measure(lambda: dpg_rewards(loss_fn, w0, N, phi, hp))
+            exact = measure(lambda: dpg_rewards(loss_fn, w0, N, phi, hp))
             sweep = measure(lambda: dpg_rewards(loss_fn, w0, N, phi, hp, sweep=True))
-            print(f"| {name} | {M} | {N} | {plain[0]:.3f} | {plain[1]:.0f} | {unroll[0] / plain[0]:.2f} | "
-                  f"{unroll[1] / plain[1]:.2f} | {sweep[0] / plain[0]:.2f} | {sweep[1] / plain[1]:.2f} |", flush=True)
+            print(f"| {name} | {M} | {N} | {plain[0]:.3f} | {plain[1]:.0f} | {exact[0] / plain[0]:.2f} | "
+                  f"{exact[1] / plain[1]:.2f} | {sweep[0] / plain[0]:.2f} | {sweep[1] / plain[1]:.2f} |", flush=True)
         # exact attribution of all N examples vs leave-one-out retraining (N + 1 plain runs)
-        print(f"\n{name}: exact rewards for N={N} cost {unroll[0]:.2f} s; leave-one-out retraining would cost "
-              f"(N+1) x {plain[0]:.2f} s = {(N + 1) * plain[0]:.2f} s: {(N + 1) * plain[0] / unroll[0]:.1f}x more\n", flush=True)
+        print(f"\n{name}: exact rewards for N={N} cost {exact[0]:.2f} s; leave-one-out retraining would cost "
+              f"(N+1) x {plain[0]:.2f} s = {(N + 1) * plain[0]:.2f} s: {(N + 1) * plain[0] / exact[0]:.1f}x more\n", flush=True)
 
 
 def main(argv=None):
