@@ -48,6 +48,8 @@ class Config:
     """G rollouts per prompt: the GRPO group; N = P * G examples per step (None: the task's default)"""
     max_new_tokens: int = None
     """response length cap (None: the task's default)"""
+    min_new_tokens: int = None
+    """EOS is masked until a response has this many tokens (None: the task's default)"""
     temperature: float = 1.0
     """sampling temperature"""
     lr: float = None
@@ -64,8 +66,8 @@ class Config:
     """K microbatches per inner step"""
     sweep: bool = False
     """rewards by the reverse sweep: memory of one microbatch's graph instead of all M*K (slower)"""
-    seq_len: int = 64
-    """L: target tokens per example (responses are cut, padding counts in the 1/L)"""
+    seq_len: int = None
+    """L: target tokens per example (responses are cut, padding counts in the 1/L; None: the task's default)"""
     lang: str = "es"
     """language task: es, fr, de or it"""
     data: str = "builtin"
@@ -551,7 +553,7 @@ def encode_for_target(tok, texts, seq_len, tokens=None):
 
 
 @torch.no_grad()
-def sample(gen, tok, prompts, rollouts, max_new_tokens, temperature):
+def sample(gen, tok, prompts, rollouts, max_new_tokens, temperature, min_new_tokens=0):
     """G rollouts per prompt with the KV cache. Rows p*G .. p*G+G-1 answer prompt p.
 
     Returns ids (N, Tp+Tr), attn (N, Tp+Tr), n_prompt = Tp, response mask (N, Tr) up to and
@@ -560,7 +562,7 @@ def sample(gen, tok, prompts, rollouts, max_new_tokens, temperature):
     tok.padding_side = "left"
     enc = tok(list(prompts), return_tensors="pt", padding=True).to(gen.device)
     out = gen.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                       max_new_tokens=max_new_tokens, num_return_sequences=rollouts,
+                       max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_return_sequences=rollouts,
                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     n_prompt = enc["input_ids"].shape[1]
     resp = out[:, n_prompt:]  # (N, Tr)
@@ -569,7 +571,8 @@ def sample(gen, tok, prompts, rollouts, max_new_tokens, temperature):
     attn = torch.cat([enc["attention_mask"].repeat_interleave(rollouts, 0), rmask], 1)
     tokens = [[t for t in row if t != tok.eos_token_id] for row in (resp * rmask + tok.eos_token_id * (1 - rmask)).tolist()]
     texts = tok.batch_decode(tokens, skip_special_tokens=True)
-    return dict(ids=out, attn=attn, n_prompt=n_prompt, rmask=rmask, texts=texts, tokens=tokens)
+    return dict(ids=out, attn=attn, n_prompt=n_prompt, rmask=rmask, texts=texts, tokens=tokens,
+                min_new_tokens=min_new_tokens, eos=tok.eos_token_id)
 
 
 def response_logprobs(gen, batch, temperature):
@@ -577,6 +580,7 @@ def response_logprobs(gen, batch, temperature):
     ids, attn, n = batch["ids"], batch["attn"], batch["n_prompt"]
     pos = (attn.cumsum(1) - 1).clamp(min=0)  # left padding: positions count real tokens only
     logits = gen(ids, attention_mask=attn, position_ids=pos).logits[:, n - 1: -1].float() / temperature
+    logits[:, : batch["min_new_tokens"], batch["eos"]] = -float("inf")  # as sampled: no EOS yet
     logp = torch.log_softmax(logits, -1).gather(-1, ids[:, n:, None])[..., 0]  # (N, Tr)
     return (logp * batch["rmask"]).sum(1)
 
@@ -617,6 +621,9 @@ def naive_rewards(loss_fn, params, n, group, phi, hp):
 # ----------------------------------------------------------------------------- tasks
 
 
+PHI_PASSAGES = 16  # the language task's Phi reads the first 16 passages; pre-training never sees them
+
+
 def make_task(cfg, target, tok, w0):
     """Phi(w) (higher is better) and measure(w, texts) -> success figures, for one task.
 
@@ -646,7 +653,7 @@ def make_task(cfg, target, tok, w0):
         return phi, lambda w, texts: {"uuid_logprob": n_tok * phi(w).item()}
     if cfg.lang not in ("es", "fr", "de", "it"):
         raise ValueError(f"unknown --lang {cfg.lang!r}: choose es, fr, de or it")
-    ids, mask = last_word_batch(tok, read_passages(cfg.lang, cfg.data)[:32])
+    ids, mask = last_word_batch(tok, read_passages(cfg.lang, cfg.data)[:PHI_PASSAGES])
     phi = lambda w: lm_phi(target, w, ids, mask)
     return phi, lambda w, texts: {"target_language_share": sum(language_of(t) == cfg.lang for t in texts) / max(1, len(texts)),
                                   "last_word_loss": -phi(w).item()}
@@ -655,7 +662,7 @@ def make_task(cfg, target, tok, w0):
 def last_word_batch(tok, passages, context_chars=160):
     """LAMBADA-style: [BOS] context + ' ' + last word; only the ' '+last-word tokens are labels.
     The context keeps its last 160 characters (whole words): enough for our tiny targets, and Phi's
-    double backward through 32 full passages would dominate the step time."""
+    double backward through 16 full passages would dominate the step time."""
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     rows = []
     for p in passages:
@@ -676,13 +683,16 @@ def last_word_batch(tok, passages, context_chars=160):
 # (!"#$%&'...), so REINFORCE could never find them. SGD in the inner loop: Adam's first step is
 # ~lr*sign(g), whose derivative eps_root/|g|^3 leaves rewards dominated by single pixels.
 # Groups of G = 16 rollouts give a far steadier baseline than 4 when prompts barely matter.
-_HEAD = dict(pretrain_steps=0, prompts=4, rollouts=16, max_new_tokens=32, lr=1e-2, inner_opt="sgd")
+# L2 uses fixed-length 8-token responses (L = 8): a reward summed over fewer tokens says more
+# about each token, and EOS masked until then stops "write nothing" from beating noisy data.
+_HEAD = dict(pretrain_steps=0, prompts=4, rollouts=16, max_new_tokens=32, min_new_tokens=0, seq_len=64, lr=1e-2, inner_opt="sgd")
+_LM = dict(pretrain_steps=300, min_new_tokens=0, seq_len=64, lr=1e-2, inner_opt="sgd")
 TASK_DEFAULTS = {
     "67": _HEAD | dict(steps=400, inner_lr=30.0),
     "qr": _HEAD | dict(steps=800, inner_lr=30.0),
-    "l2": _HEAD | dict(steps=100, inner_lr=1.0),
-    "uuid": dict(pretrain_steps=300, prompts=16, rollouts=4, steps=200, max_new_tokens=48, lr=1e-2, inner_opt="sgd", inner_lr=1.0),
-    "language": dict(pretrain_steps=300, prompts=4, rollouts=16, steps=200, max_new_tokens=48, lr=1e-2, inner_opt="sgd", inner_lr=0.1),
+    "l2": _HEAD | dict(steps=300, max_new_tokens=8, min_new_tokens=8, seq_len=8, inner_lr=0.25),
+    "uuid": _LM | dict(prompts=16, rollouts=4, steps=200, max_new_tokens=48, inner_lr=1.0),
+    "language": _LM | dict(prompts=4, rollouts=16, steps=200, max_new_tokens=48, inner_lr=0.1),
 }
 
 
@@ -700,7 +710,7 @@ def build_models(cfg):
     tok = byte_tokenizer()
     if cfg.generator == "tiny":
         other = [p for lang in ("es", "fr", "de", "it") if os.path.exists(os.path.join(HERE, "data", f"{lang}.txt"))
-                 for p in read_passages(lang)]
+                 for p in read_passages(lang)[PHI_PASSAGES:]]  # Phi's passages stay unseen
         gen, gtok = pretrain(tiny_lm("gpt2", len(tok), 64, 2, cfg.seed), tok, read_passages("en") * 3 + other,
                              cfg.pretrain_steps, cfg.seed), tok
     else:
@@ -753,7 +763,8 @@ def run(cfg):
     def rollout(step, seed):
         torch.manual_seed(seed)  # per-step seeding: a resumed run samples exactly what it would have
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.sample_bf16):
-            batch = sample(gen, gtok, prompt_texts(gtok, passages, step, cfg.prompts), G, cfg.max_new_tokens, cfg.temperature)
+            batch = sample(gen, gtok, prompt_texts(gtok, passages, step, cfg.prompts), G, cfg.max_new_tokens, cfg.temperature,
+                           cfg.min_new_tokens)
         same = ttok is gtok  # the tiny default: hand the token ids over, losslessly
         ids, mask = (x.to(dev) for x in encode_for_target(ttok, batch["texts"], cfg.seq_len, batch["tokens"] if same else None))
         return batch, lambda w, idx: sequence_losses(target, w, ids[idx], mask[idx])
@@ -837,12 +848,13 @@ def resolve(cfg):
     if cfg.preset not in ("", "paper"):
         raise ValueError(f"unknown --preset {cfg.preset!r}: the only preset is 'paper'")
     if cfg.preset == "paper":
-        cfg = dataclasses.replace(cfg, prompts=256, rollouts=4, max_new_tokens=128, seq_len=128, inner_opt="adam",
+        cfg = dataclasses.replace(cfg, prompts=256, rollouts=4, max_new_tokens=128, min_new_tokens=0, seq_len=128, inner_opt="adam",
                                   inner_lr=cfg.inner_lr or 5e-6, micro_batch=8, grad_accum=128, lr=cfg.lr or 5e-6, sweep=True)
     defaults = dict(TASK_DEFAULTS[cfg.task])
     if cfg.target != "tiny":  # real targets: the paper's Adam inner loop (lr 5e-6 GPT-2, 1e-6 Llama-1B)
         lm_task = cfg.task in ("uuid", "language")
-        defaults |= dict(inner_opt="adam", inner_lr=1e-6 if lm_task else 5e-6, lr=1e-6 if lm_task else 5e-6)
+        defaults |= dict(inner_opt="adam", inner_lr=1e-6 if lm_task else 5e-6, lr=1e-6 if lm_task else 5e-6,
+                         max_new_tokens=max(32, defaults["max_new_tokens"]), min_new_tokens=0, seq_len=64)
     return dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
 
 

@@ -427,6 +427,35 @@ def test_group_advantages_by_hand_and_scale_free():
     assert torch.allclose(dpg.group_advantages(r * 1e-9, 3), a, atol=1e-6)  # DPG rewards of real models are ~1e-9
 
 
+@pytest.mark.parametrize("min_new", [0, 4])
+def test_response_logprobs_are_the_samplers_own(min_new):
+    """log pi(x_i) used by REINFORCE equals the sum of log-softmax of the scores HF's sampler drew
+    each token from (after temperature and the min-length EOS mask), up to and including EOS."""
+    tok, T, temp = dpg.byte_tokenizer(), 8, 0.7
+    gen = dpg.tiny_lm("gpt2", len(tok), 16, 1, seed=3, tie=False)
+    with torch.no_grad():  # make EOS likely (~7%/token) so that both masks matter
+        gen.transformer.ln_f.bias[0] = 3.0
+        gen.lm_head.weight[tok.eos_token_id].zero_()[0] = 1.0
+    prompts = ["Rephrase: a b", "Rephrase: the long river"]
+    torch.manual_seed(0)
+    batch = dpg.sample(gen, tok, prompts, 4, T, temp, min_new)
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    torch.manual_seed(0)
+    out = gen.generate(**enc, do_sample=True, temperature=temp, top_k=0, top_p=1.0, max_new_tokens=T,
+                       min_new_tokens=min_new, num_return_sequences=4, pad_token_id=tok.pad_token_id,
+                       eos_token_id=tok.eos_token_id, output_scores=True, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, batch["ids"])  # the same draws
+    resp = out.sequences[:, enc["input_ids"].shape[1]:]  # (N, Tr)
+    logp = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1).gather(-1, resp[..., None])[..., 0]
+    oracle = torch.where(batch["rmask"].bool(), logp, 0.0).sum(1)  # (N,)
+    with torch.no_grad():
+        ours = dpg.response_logprobs(gen, batch, temp)
+    assert torch.allclose(ours, oracle, atol=1e-4), (ours, oracle)
+    is_eos = resp == tok.eos_token_id
+    assert not is_eos[:, :min_new].any() and is_eos.any()  # EOS was sampled, never before min_new
+    assert (batch["rmask"].sum(1) < T).any()  # some responses ended early and were cut after EOS
+
+
 def test_naive_rewards_grouping():
     """Dataset k holds rollout k of every prompt; each member gets Phi of a target trained on it alone."""
     P, G = 3, 2
