@@ -354,17 +354,18 @@ def lm_phi(model, w, ids, mask):
 # ~25 very common function words per language; overlaps (la, de, il...) count for each language.
 STOP_WORDS = {
     "en": set("the and of to in is was that it for with as his her on they at by this from but were are have had which she he".split()),
-    "es": set("el la los las de del y en que un una es por con para se su sus al lo como pero más fue era muy".split()),
+    "es": set("el la los las de del en que un una es por con para se su sus al lo como pero más fue era muy".split()),
     "fr": set("le la les de des du et en un une est que qui dans pour pas sur au aux avec il elle ce son sa ses sont était".split()),
     "de": set("der die das und ist nicht ein eine zu den dem mit sich des auf für im von es sie er auch war wird nach bei aus".split()),
-    "it": set("il lo la gli le di del della che e è un una per con non sono nel nella da dei si come ma più era anche".split()),
+    "it": set("il lo la gli le di del della che un una per con non sono nel nella da dei si come ma più era anche".split()),
 }
 
 
 def language_of(text):
-    """Stop-word language identifier, independent of Phi: 'en'|'es'|'fr'|'de'|'it' or None. The winner
-    needs 2+ hits, more than the runner-up, and 10% of the words (letter soup is full of 'e', 'la'...)."""
-    words = "".join(c if c.isalpha() else " " for c in text.lower()).split()
+    """Stop-word language identifier, independent of Phi: 'en'|'es'|'fr'|'de'|'it' or None. Words are
+    runs of 2+ letters (soup like 'r6y6a6' is full of 'y', 'e'); the winner needs 2+ hits, more than
+    the runner-up, and 10% of the words."""
+    words = [w for w in "".join(c if c.isalpha() else " " for c in text.lower()).split() if len(w) > 1]
     hits = sorted(((sum(w in STOP_WORDS[k] for w in words), k) for k in STOP_WORDS), reverse=True)
     (best, lang), (second, _) = hits[0], hits[1]
     return lang if best >= max(2, 0.1 * len(words)) and best > second else None
@@ -679,12 +680,10 @@ def last_word_batch(tok, passages, context_chars=160):
     return ids, mask
 
 # Per-task defaults for the tiny models, tuned on 2 CPU cores (README "Results"). Head tasks start
-# from an untrained generator: our pre-trained tiny one almost never samples the patch's tokens
-# (!"#$%&'...), so REINFORCE could never find them. SGD in the inner loop: Adam's first step is
-# ~lr*sign(g), whose derivative eps_root/|g|^3 leaves rewards dominated by single pixels.
-# Groups of G = 16 rollouts give a far steadier baseline than 4 when prompts barely matter.
-# L2 uses fixed-length 8-token responses (L = 8): a reward summed over fewer tokens says more
-# about each token, and EOS masked until then stops "write nothing" from beating noisy data.
+# from an untrained generator (the pre-trained one never samples the patch's tokens !"#$%&'...),
+# and use SGD inner steps (Adam's first step ~lr*sign(g) has derivative eps_root/|g|^3) and groups
+# of G = 16. L2 writes exactly 8 tokens (L = 8): a reward summed over fewer tokens says more about
+# each, and with EOS masked "write nothing" cannot beat noisy data.
 _HEAD = dict(pretrain_steps=0, prompts=4, rollouts=16, max_new_tokens=32, min_new_tokens=0, seq_len=64, lr=1e-2, inner_opt="sgd")
 _LM = dict(pretrain_steps=300, min_new_tokens=0, seq_len=64, lr=1e-2, inner_opt="sgd")
 TASK_DEFAULTS = {
@@ -700,13 +699,10 @@ TASK_DEFAULTS = {
 
 
 def build_models(cfg):
-    """(generator, its tokenizer, target, its tokenizer). 'tiny' models use GPT-2's byte alphabet.
-    The tiny generator (GPT-2-shaped, d=64) is pre-trained here for a few seconds on all data/
-    languages, mostly English, so it starts from text rather than noise. The tiny target
-    (Llama-shaped, d=64) is pre-trained on English for the LM tasks but left at its initialization
-    for the head tasks: our short pre-training gives its final hidden states large per-dimension
-    offsets (like GPT-2's massive activations), after which no context has the sign pattern some
-    67/QR columns need. Real models come from load_model; a tied target head is untied."""
+    """(generator, its tokenizer, target, its tokenizer). Tiny models use GPT-2's byte alphabet; the
+    generator (GPT-2-shaped) is pre-trained for seconds on data/, mostly English; the target
+    (Llama-shaped) on English for the LM tasks only: pre-trained, no context of ours has the sign
+    pattern some 67/QR columns need (README). A tied real target head is untied."""
     tok = byte_tokenizer()
     if cfg.generator == "tiny":
         other = [p for lang in ("es", "fr", "de", "it") if os.path.exists(os.path.join(HERE, "data", f"{lang}.txt"))

@@ -418,6 +418,9 @@ def test_language_identifier_on_data_and_noise():
         cuts = torch.randint(1, 6, (200,), generator=g).cumsum(0).tolist()
         words = " ".join(letters[a:b] for a, b in zip([0] + cuts, cuts) if b <= 400)
         assert dpg.language_of(letters) is None and dpg.language_of(words) is None
+    # soup a generator once wrote to game the older identifier: its 'words' are single letters
+    assert dpg.language_of("r6r6y6r666&r6r6o6r6r6r6r6r6r66a6y6o6r6r6r6y6o6oy") is None
+    assert dpg.language_of("y6r6y6a666a6o6e6o6r6e66r6o6o66r6y6o6r6ya6o6o6r6") is None
 
 
 def test_group_advantages_by_hand_and_scale_free():
