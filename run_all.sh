@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 SEED=${SEED:-0}
-TASKS=${TASKS:-"67 qr l2 uuid language"}   # e.g. TASKS=67 REWARDS=dpg REAL=0 bash run_all.sh
+TASKS=${TASKS-"67 qr l2 uuid language"}   # e.g. TASKS=67 REWARDS=dpg REAL=0 bash run_all.sh; TASKS= REAL=0: table only
 REWARDS=${REWARDS:-"dpg naive"}
 mkdir -p results
 for task in $TASKS; do
