@@ -699,10 +699,10 @@ TASK_DEFAULTS = {
 
 
 def build_models(cfg):
-    """(generator, its tokenizer, target, its tokenizer). Tiny models use GPT-2's byte alphabet; the
-    generator (GPT-2-shaped) is pre-trained for seconds on data/, mostly English; the target
-    (Llama-shaped) on English for the LM tasks only: pre-trained, no context of ours has the sign
-    pattern some 67/QR columns need (README). A tied real target head is untied."""
+    """(generator, its tokenizer, target, its tokenizer). Tiny models use GPT-2's byte alphabet. The
+    generator (GPT-2-shaped) is pre-trained for seconds on data/, mostly English. The target
+    (Llama-shaped) is pre-trained on English for the LM tasks only: pre-trained, it has no context
+    with the sign pattern some 67/QR columns need (README). A tied target head is untied."""
     tok = byte_tokenizer()
     if cfg.generator == "tiny":
         other = [p for lang in ("es", "fr", "de", "it") if os.path.exists(os.path.join(HERE, "data", f"{lang}.txt"))
