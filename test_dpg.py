@@ -371,6 +371,28 @@ def test_l2_phi_gradient_is_minus_w_over_norm():
     assert torch.allclose(g, -W / torch.sqrt((W * W).sum()))
 
 
+def test_l2_one_sgd_step_by_hand():
+    """README's L2 account: one SGD step moves the head by W1 = W0 - lr G with
+    G = (1/(B L)) sum_{j,tau} mask h (p - e_y)^T, so ||W1||^2 - ||W0||^2 = 2 lr mean(z_y - E_p z) + lr^2 ||G||^2
+    (mean over the B*L slots, z = logits): built from the hidden states, not from autograd."""
+    model, params, loss_fn, _ = setup("gpt2", n=6, seed=4)
+    ids, mask = toy_data(6, seed=4)
+    lr, (B, L) = 0.3, (6, ids.shape[1] - 1)
+    W0 = dpg.lm_head(params)
+    W1 = dpg.lm_head(dpg.inner_sft(loss_fn, params, torch.ones(B, dtype=torch.float64),
+                                   dpg.Inner(lr=lr, micro_batch=B, optimizer="sgd")))
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, output_hidden_states=True)
+    h, z = out.hidden_states[-1][:, :-1], out.logits[:, :-1]  # (B, L, d), (B, L, V)
+    assert torch.allclose(z, h @ W0)  # the last hidden state is what the head reads
+    p, y, m = torch.softmax(z, -1), F.one_hot(ids[:, 1:], V).double(), mask[:, 1:, None].double()
+    G = torch.einsum("jtd,jtv->dv", h * m, p - y) / (B * L)  # (d, V)
+    assert torch.allclose(W1, W0 - lr * G, atol=1e-12)
+    z_y, Ez = (z * y).sum(-1), (z * p).sum(-1)  # (B, L)
+    first_order = 2 * lr * ((z_y - Ez) * m[..., 0]).sum() / (B * L)
+    assert torch.allclose(W1.pow(2).sum() - W0.pow(2).sum(), first_order + lr**2 * G.pow(2).sum(), atol=1e-12)
+
+
 def test_lm_phi_is_hf_mean_token_loss():
     """-lm_phi equals the Hugging Face model's own mean token cross-entropy on the same labels."""
     model = toy_target("llama", seed=4)
