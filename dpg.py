@@ -67,7 +67,8 @@ class Config:
     sweep: bool = False
     """rewards by the reverse sweep: memory of one microbatch's graph instead of all M*K (slower)"""
     seq_len: int = None
-    """L: target tokens per example (responses are cut, padding counts in the 1/L; None: the task's default)"""
+    """L: target tokens per example (responses are cut, padding counts in the 1/L; None: the task's
+    default, raised to --max-new-tokens)"""
     lang: str = "es"
     """language task: es, fr, de or it"""
     data: str = "builtin"
@@ -851,6 +852,7 @@ def resolve(cfg):
         lm_task = cfg.task in ("uuid", "language")
         defaults |= dict(inner_opt="adam", inner_lr=1e-6 if lm_task else 5e-6, lr=1e-6 if lm_task else 5e-6,
                          max_new_tokens=max(32, defaults["max_new_tokens"]), min_new_tokens=0, seq_len=64)
+    defaults["seq_len"] = max(defaults["seq_len"], cfg.max_new_tokens or 0)  # a longer --max-new-tokens is not cut
     return dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
 
 
