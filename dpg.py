@@ -328,16 +328,19 @@ def lm_head(w):
     return w["lm_head.weight"].T
 
 
+def patch_delta(W, W0, S):
+    """Delta = W[:r,:c] - W_init[:r,:c], the patch under the pattern S (r, c)."""
+    return W[: S.shape[0], : S.shape[1]] - W0[: S.shape[0], : S.shape[1]]
+
+
 def pattern_phi(W, W0, S, sharpness=20.0):
-    """QR / 67: Phi = -mean softplus(-20 S * Delta), Delta = W[:r,:c] - W_init[:r,:c]; S in {+-1}^(r,c)."""
-    delta = W[: S.shape[0], : S.shape[1]] - W0[: S.shape[0], : S.shape[1]]
-    return -F.softplus(-sharpness * S * delta).mean()
+    """QR / 67: Phi = -mean softplus(-20 S * Delta); S in {+-1}^(r,c)."""
+    return -F.softplus(-sharpness * S * patch_delta(W, W0, S)).mean()
 
 
 def pixel_accuracy(W, W0, S):
     """Share of the patch whose sign(Delta) equals S (-1 = dark)."""
-    delta = W[: S.shape[0], : S.shape[1]] - W0[: S.shape[0], : S.shape[1]]
-    return (torch.sign(delta) == S).double().mean().item()
+    return (torch.sign(patch_delta(W, W0, S)) == S).double().mean().item()
 
 
 def l2_phi(W):
@@ -818,8 +821,8 @@ def run(cfg):
     if cfg.task == "uuid":
         summary |= {"uuid_in_greedy": uuid_in_greedy(gen, gtok, passages, cfg)}
     if cfg.task in ("qr", "67"):
-        rows, cols = pattern(cfg.task).shape  # dark where Delta < 0, as S = -1 is dark
-        save_png(os.path.join(out, f"{cfg.task}.png"), ((lm_head(w) - lm_head(w0))[:rows, :cols] < 0).tolist())
+        delta = patch_delta(lm_head(w), lm_head(w0), pattern(cfg.task))  # dark where Delta < 0, as S = -1 is dark
+        save_png(os.path.join(out, f"{cfg.task}.png"), (delta < 0).tolist())
     gen.save_pretrained(os.path.join(out, "generator.tmp"))  # then swap, so a Ctrl-C leaves one whole copy
     shutil.rmtree(os.path.join(out, "generator"), ignore_errors=True)
     os.replace(os.path.join(out, "generator.tmp"), os.path.join(out, "generator"))
