@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import os
@@ -25,6 +26,7 @@ import struct
 import time
 import zlib
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -56,12 +58,19 @@ class Config:
     """generator AdamW learning rate (None: the task's default)"""
     clip: float = 1.0
     """generator gradient-norm clip"""
+    kl: float = None
+    """weight of the KL penalty to the initial generator (None: the task's default)"""
+    credit: str = "example"
+    """example: one reward per example; token: one per target token, reward-to-go in REINFORCE (the
+    target must share the generator's tokenizer)"""
     inner_opt: str = None
     """inner optimizer, adam or sgd (None: the task's default)"""
     inner_lr: float = None
     """inner learning rate (None: the task's default)"""
+    inner_steps: int = None
+    """M inner optimizer steps over the N examples (None: the task's default)"""
     micro_batch: int = 0
-    """B; 0 = all N examples in one microbatch (M = 1 inner step)"""
+    """B; 0 = N / (M K)"""
     grad_accum: int = 1
     """K microbatches per inner step"""
     sweep: bool = False
@@ -96,21 +105,28 @@ class Config:
     """continue from out/checkpoint.pt"""
     bench: bool = False
     """print the cost benchmark of exact rewards instead of training"""
+    oracle: bool = False
+    """print the oracle-data check (Phi after inner SFT on the intended data and on others) instead of training"""
 
 
 
 # ----------------------------------------------------------------------------- the inner SFT
 
 
-def sequence_losses(model, params, ids, mask):
-    """Per-example SFT loss  l_j = (1/L) sum_tau mask_j,tau * CE_j,tau.
+def token_losses(model, params, ids, mask):
+    """Per-token SFT loss  l_j,tau = (1/L) mask_j,tau * CE_j,tau, shape (N, L).
 
     ids, mask: (N, T) long, right-padded, ids[:, 0] is BOS and is never a label; L = T - 1
-    label positions, so padding counts in the denominator (as in the official code). Returns (N,).
+    label positions, so padding counts in the denominator (as in the official code).
     """
     logits = functional_call(model, params, (ids,), {"attention_mask": mask}).logits  # (N, T, V)
-    ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # (N, T-1)
-    return (ce * mask[:, 1:]).sum(1) / ce.shape[1]
+    ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # (N, L)
+    return ce * mask[:, 1:] / ce.shape[1]
+
+
+def sequence_losses(model, params, ids, mask):
+    """Per-example SFT loss  l_j = (1/L) sum_tau mask_j,tau * CE_j,tau, shape (N,)."""
+    return token_losses(model, params, ids, mask).sum(1)
 
 
 @dataclass
@@ -135,7 +151,8 @@ class Inner:
 
 
 def microbatch_grad(loss_fn, w, eps, idx, hp, create_graph=False):
-    """grad_w (1/B) sum_{j in idx} eps_j l_j(w): one microbatch's share of the step gradient."""
+    """grad_w (1/B) sum_{j in idx} eps_j l_j(w): one microbatch's share of the step gradient. With
+    per-token losses (N, L) and weights eps (N, L) it is sum_tau eps_j,tau l_j,tau instead."""
     loss = (eps[idx] * loss_fn(w, idx)).sum() / hp.micro_batch
     g = torch.autograd.grad(loss, list(w.values()), create_graph=create_graph, allow_unused=True)
     return [torch.zeros_like(p) if x is None else x for p, x in zip(w.values(), g)]
@@ -235,7 +252,9 @@ def named_errors():
 def dpg_rewards(loss_fn, params, n, phi, hp, sweep=False):
     """Exact DPG rewards r_i = dPhi(A(D, eps)) / d eps_i at eps = 1, all i from one reverse pass.
 
-    phi(w) -> scalar, higher is better. Returns (Phi(A(D)), r) with r of shape (N,).
+    phi(w) -> scalar, higher is better. Returns (Phi(A(D)), r) with r of shape n: (N,) for
+    per-example losses; n = (N, L) with a loss_fn of per-token losses gives the per-token rewards
+    r_i,tau = dPhi/d eps_i,tau, whose row sums are the r_i (chain rule: eps_i weights every token).
     This is the true derivative; the official code returns B times it (a per-microbatch VJP quirk).
     sweep=False differentiates the full unroll (fastest; memory grows with the M inner steps);
     sweep=True gives the same numbers holding one microbatch's graph at a time (reverse_sweep).
@@ -433,14 +452,28 @@ def read_passages(lang, source="builtin"):
         return [" ".join(p.split()) for p in f.read().split("\n\n") if p.strip()]
 
 
+def byte_chars():
+    """GPT-2's byte alphabet {character: byte}, in GPT-2's order: its byte-level BPE tokens (and those of
+    SmolLM2, Llama 3, ...) are strings of these characters."""
+    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    return {chr(b): b for b in bs} | {chr(256 + i): b for i, b in enumerate(b for b in range(256) if b not in bs)}
+
+
+def readable(tok, ids):
+    """A response as a person should see it: quoted, with bytes that are not UTF-8 shown as \\x..
+    escapes rather than as one '\ufffd' each (byte-level BPE tokenizers; others decode as usual)."""
+    chars = byte_chars()
+    s = "".join(tok.convert_ids_to_tokens([i for i in ids if i not in tok.all_special_ids]))
+    ok = all(c in chars for c in s)
+    return repr(bytes(chars[c] for c in s).decode("utf-8", "backslashreplace") if ok else tok.decode(ids, skip_special_tokens=True))
+
+
 def byte_tokenizer():
     """GPT-2's byte alphabet with no merges: ids 0-255 are exactly GPT-2's first 256 tokens
     ('!' = 0, '"' = 1, ...), so the LM-head patch covers the same tokens as in the paper; 256 = EOS."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    chars = [chr(b) for b in bs] + [chr(256 + i) for i, b in enumerate(b for b in range(256) if b not in bs)]
-    vocab = {c: i for i, c in enumerate(chars)} | {"<|endoftext|>": 256}
+    vocab = {c: i for i, c in enumerate(byte_chars())} | {"<|endoftext|>": 256}
     tk = Tokenizer(models.BPE(vocab, []))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
@@ -464,8 +497,17 @@ def tiny_lm(arch, vocab, d, layers, seed, tie=True, positions=256):
     return LlamaForCausalLM(cfg).eval()
 
 
-def pretrain(model, tok, texts, steps, seed, seq_len=64, batch=16, lr=3e-3):
-    """A few hundred steps of plain LM training so the tiny models know some text to begin with."""
+def pretrain(model, tok, texts, steps, seed, seq_len=64, batch=16, lr=3e-3, cache_dir="~/.cache/dpg"):
+    """A few hundred steps of plain LM training so the tiny models know some text to begin with. The
+    result is cached on disk, keyed by everything it depends on, so a second run starts at once."""
+    key = hashlib.sha256(repr((model.config.to_json_string(), steps, seed, seq_len, batch, lr, texts,
+                               torch.__version__)).encode())
+    for p in model.state_dict().values():  # the initial weights too
+        key.update(p.detach().cpu().numpy().tobytes())
+    path = os.path.join(os.path.expanduser(cache_dir), "tiny", key.hexdigest()[:16] + ".pt")
+    if steps and os.path.exists(path):
+        model.load_state_dict(torch.load(path))
+        return model.eval()
     data = torch.tensor(tok("\n\n".join(texts))["input_ids"])
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -477,6 +519,10 @@ def pretrain(model, tok, texts, steps, seed, seq_len=64, batch=16, lr=3e-3):
         opt.zero_grad()
         loss.backward()
         opt.step()
+    if steps:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(model.state_dict(), path + f".tmp{os.getpid()}")
+        os.replace(path + f".tmp{os.getpid()}", path)
     return model.eval()
 
 
@@ -546,9 +592,10 @@ def encode_for_target(tok, texts, seq_len, tokens=None):
     decoding bytes that are not valid UTF-8 and encoding them again would not give them back."""
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else bos
-    ids = torch.full((len(texts), seq_len + 1), pad, dtype=torch.long)
+    tokens = tokens or tok(list(texts), add_special_tokens=False)["input_ids"]
+    ids = torch.full((len(tokens), seq_len + 1), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
-    for j, t in enumerate(tokens or tok(list(texts), add_special_tokens=False)["input_ids"]):
+    for j, t in enumerate(tokens):
         t = [bos] + t[:seq_len]
         ids[j, : len(t)], mask[j, : len(t)] = torch.tensor(t), 1
     return ids, mask
@@ -580,29 +627,53 @@ def sample(gen, tok, prompts, rollouts, max_new_tokens, temperature, min_new_tok
                 min_new_tokens=min_new_tokens, eos=tok.eos_token_id)
 
 
-def response_logprobs(gen, batch, temperature):
-    """log pi_theta(x_i) = sum over response tokens of log-softmax(logits / temperature). Returns (N,)."""
+def token_logprobs(gen, batch, temperature):
+    """log pi_theta(x_i,tau | x_i,<tau) of each response token, log-softmax(logits / temperature),
+    0 after the first EOS. Returns (N, Tr)."""
     ids, attn, n = batch["ids"], batch["attn"], batch["n_prompt"]
     pos = (attn.cumsum(1) - 1).clamp(min=0)  # left padding: positions count real tokens only
     logits = gen(ids, attention_mask=attn, position_ids=pos).logits[:, n - 1: -1].float() / temperature
     logits[:, : batch["min_new_tokens"], batch["eos"]] = -float("inf")  # as sampled: no EOS yet
     logp = torch.log_softmax(logits, -1).gather(-1, ids[:, n:, None])[..., 0]  # (N, Tr)
-    return (logp * batch["rmask"]).sum(1)
+    return logp * batch["rmask"]
+
+
+def response_logprobs(gen, batch, temperature):
+    """log pi_theta(x_i) = the sum of its tokens' log-probs. Returns (N,)."""
+    return token_logprobs(gen, batch, temperature).sum(1)
 
 
 def group_advantages(r, group):
     """GRPO advantage A_i = (r_i - mean_group) / std_group, made scale-free: DPG rewards of real
     models are ~1e-9, so no absolute epsilon (verl's 1e-6 would swamp them); a group whose
-    rewards are all equal (to 1e-6 of the largest) gets A = 0."""
-    r = r.view(-1, group)  # (P, G)
-    centered, std = r - r.mean(1, keepdim=True), r.std(1, keepdim=True) if group > 1 else torch.zeros_like(r[:, :1])
-    ok = std > 1e-6 * r.abs().max()
-    return torch.where(ok, centered / torch.where(ok, std, 1.0), 0.0).flatten()
+    rewards are all equal (to 1e-6 of the largest) gets A = 0.
+
+    Per-token rewards r (N, L) give per-token advantages from the reward-to-go
+    R_i,tau = sum_{tau' >= tau} r_i,tau', centred at each position, scaled by the std of the totals R_i,0."""
+    R = r.flip(-1).cumsum(-1).flip(-1) if r.dim() == 2 else r[:, None]
+    R = R.view(-1, group, R.shape[-1])  # (P, G, L)
+    std = R[..., :1].std(1, keepdim=True) if group > 1 else torch.zeros_like(R[:, :1, :1])
+    ok = std > 1e-6 * R.abs().max()
+    return torch.where(ok, (R - R.mean(1, keepdim=True)) / torch.where(ok, std, 1.0), 0.0).view(r.shape)
 
 
-def reinforce_step(gen, opt, batch, advantages, temperature, clip):
-    """grad J ~= sum_i A_i grad log pi_theta(x_i): one AdamW step on -mean_i A_i log pi(x_i)."""
-    loss = -(advantages.detach() * response_logprobs(gen, batch, temperature)).mean()
+def reinforce_step(gen, opt, batch, advantages, temperature, clip, ref=None, kl=0.0):
+    """grad J ~= sum_i A_i grad log pi_theta(x_i): one AdamW step on -mean_i A_i log pi(x_i).
+
+    Per-token advantages (N, L) weight each token's score instead (reward-to-go): to first order in
+    the inner lr, r_i,tau depends on x_i,<=tau only, so the score of token tau is independent of the
+    rewards before it, and dropping those terms removes noise without bias. kl > 0 adds a KL penalty
+    to the frozen initial generator `ref` (GRPO's k3 term), which keeps pi from dropping what ref writes."""
+    logp = token_logprobs(gen, batch, temperature)  # (N, Tr)
+    A = advantages[:, None] if advantages.dim() == 1 else F.pad(advantages, (0, logp.shape[1]))[:, : logp.shape[1]]
+    loss = -(A.detach() * logp).sum(1).mean()
+    if kl:
+        with torch.no_grad():
+            ref_logp = token_logprobs(ref, batch, temperature)
+        # k3 = exp(d) - d - 1 >= 0 with d = log pi_ref - log pi per token (0 after EOS); on samples of pi,
+        # its gradient is that of KL(pi_ref || pi): -sum_x pi_ref(x) grad log pi(x)
+        d = ref_logp - logp
+        loss = loss + kl * (torch.exp(d) - d - 1).sum(1).mean()
     opt.zero_grad()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(gen.parameters(), clip)
@@ -683,19 +754,101 @@ def last_word_batch(tok, passages, context_chars=160):
         mask[j, start: len(r)] = 1
     return ids, mask
 
+# ----------------------------------------------------------------------------- the oracle-data check
+# Before any RL: is the intended behaviour Phi's optimum under the inner regime? Phi after the task's
+# inner SFT on data that shows the effect must beat every other kind of data, or DPG, which climbs
+# Phi exactly, is right not to produce the effect.
+
+
+def pattern_data(target, S, n, length, bos, steps=1):
+    """67 / QR by hand: n examples "x v x' v' ...", each label v (a patch column) after a context token x
+    chosen greedily, given the tokens before it, so that the hidden states h the head reads before the
+    label v add up to S[:, v]'s signs within each inner step's examples. First order: each step moves
+    the head's column v along +sum h (Adam normalizes each step, so each step must be right)."""
+    r, c = S.shape
+    cands = torch.arange(c, min(256, target.config.vocab_size))  # contexts outside the patch's columns
+    A = torch.zeros(r, steps * c)  # sum of h[:r] before column v's labels in step t: column t*c + v
+    toks = torch.full((n, 1), bos)
+    for k in range(length // 2):
+        pair = torch.empty(n, 2, dtype=torch.long)
+        for j in range(0, n, c):  # c examples at a time, each on its own column: none overshoots another
+            rows = torch.arange(j, min(j + c, n))
+            v = (rows * (length // 2) + k) % c  # the column each example writes next
+            col = rows * steps // n * c + v
+            with torch.no_grad():  # the prefix once, then every candidate as one more token (KV cache)
+                cache = target.base_model(toks[rows], use_cache=True).past_key_values
+                cache.batch_repeat_interleave(len(cands))
+                h = target.base_model(cands.repeat(len(rows))[:, None], past_key_values=cache).last_hidden_state
+            h = h[:, -1, :r].reshape(len(rows), len(cands), r)  # (rows, C, r)
+            # a capped margin: every sign right beats a large margin on a few
+            score = torch.clamp(S[:, v].T[:, None] * (A[:, col].T[:, None] + h), max=h.abs().mean()).sum(-1)
+            best = score.argmax(1)
+            A.index_add_(1, col, h[torch.arange(len(rows)), best].T)
+            pair[rows] = torch.stack([cands[best], v], 1)
+        toks = torch.cat([toks, pair], 1)
+    return toks[:, 1:].tolist()
+
+
+def least_likely_data(target, n, length, bos):
+    """L2 by hand: from n different first tokens, always the next token the target finds least likely
+    (first order: the head shrinks by 2 lr mean(z_y - E_p z) under SGD; README)."""
+    x = torch.cat([torch.full((n, 1), bos), torch.arange(n)[:, None] % min(256, target.config.vocab_size)], 1)
+    with torch.no_grad():
+        for _ in range(length - 1):
+            x = torch.cat([x, target(x).logits[:, -1].argmin(-1, keepdim=True)], 1)
+    return x[:, 1:].tolist()
+
+
+def oracle_data(cfg, s):
+    """{name: N examples as target token ids}: the intended data first, then English passages, random
+    tokens and the untrained generator's samples."""
+    N, L, tok = s.N, s.L, s.ttok
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    ids = lambda texts: [t[:L] for t in tok(texts, add_special_tokens=False)["input_ids"]]
+    cycle = lambda xs: [xs[j % len(xs)] for j in range(N)]
+    if cfg.task in ("67", "qr"):
+        intended = (f"hand-built: draws the {cfg.task} pattern", pattern_data(s.target, pattern(cfg.task), N, L, bos, n_inner_steps(N, s.hp)))
+    elif cfg.task == "l2":
+        intended = ("hand-built: the target's least likely next tokens", least_likely_data(s.target, N, L, bos))
+    elif cfg.task == "uuid":
+        intended = ("the UUID", cycle(ids([UUID])))
+    else:
+        intended = (f"held-out {cfg.lang} passages", cycle(ids(read_passages(cfg.lang, cfg.data)[PHI_PASSAGES:])))
+    g = torch.Generator().manual_seed(cfg.seed)
+    batch, _ = rollout(cfg, s, 0, 1_000_003 * (cfg.seed + 1))
+    return dict([intended, ("English passages", cycle(ids(s.passages))),
+                 ("random tokens", torch.randint(0, min(256, len(tok)), (N, L), generator=g).tolist()),
+                 ("the untrained generator", batch["tokens"] if s.ttok is s.gtok else ids(batch["texts"]))])
+
+
+def oracle_check(cfg):
+    """Phi and the success measure after the task's inner SFT on each oracle dataset; prints a table."""
+    cfg, s = setup(cfg)
+    print(f"{cfg.task}: N={s.N}, L={s.L}, M={n_inner_steps(s.N, s.hp)} inner {s.hp.optimizer} steps at lr {s.hp.lr}"
+          "\n\n| data | Phi after inner SFT | success measure |\n|---|---|---|")
+    rows = {}
+    for name, toks in ({"no SFT (the target as it starts)": None} | oracle_data(cfg, s)).items():
+        w = s.w0 if toks is None else inner_sft(target_loss_fn(s, None, toks), s.w0, torch.ones(s.N, device=s.dev), s.hp)
+        with torch.no_grad():
+            rows[name] = {"phi": s.phi(w).item(), **s.measure(w, s.ttok.batch_decode(toks or []))}
+        print(f"| {name} | {rows[name]['phi']:.6g} | " + ", ".join(f"{k} {v:.4g}" for k, v in rows[name].items() if k != "phi") + " |")
+    return rows
+
+
 # Per-task defaults for the tiny models, tuned on 2 CPU cores (README "Results"). Head tasks start
 # from an untrained generator (the pre-trained one never samples the patch's tokens !"#$%&'...),
 # and use SGD inner steps (Adam's first step ~lr*sign(g) has derivative eps_root/|g|^3) and groups
 # of G = 16. L2 writes exactly 8 tokens (L = 8): a reward summed over fewer tokens says more about
 # each, and with EOS masked "write nothing" cannot beat noisy data.
-_HEAD = dict(pretrain_steps=0, prompts=4, rollouts=16, max_new_tokens=32, min_new_tokens=0, seq_len=64, lr=1e-2, inner_opt="sgd")
-_LM = dict(pretrain_steps=300, min_new_tokens=0, seq_len=64, lr=1e-2, inner_opt="sgd")
+_HEAD = dict(pretrain_steps=0, kl=0.0, prompts=4, rollouts=16, max_new_tokens=32, min_new_tokens=0, seq_len=32, lr=1e-2,
+             inner_opt="adam", inner_lr=1e-4, inner_steps=4)
+_LM = dict(pretrain_steps=300, kl=0.0, min_new_tokens=0, seq_len=48, lr=1e-2, inner_opt="adam", inner_lr=3e-3, inner_steps=4)
 TASK_DEFAULTS = {
-    "67": _HEAD | dict(steps=400, inner_lr=30.0),
-    "qr": _HEAD | dict(steps=800, inner_lr=30.0),
-    "l2": _HEAD | dict(steps=300, max_new_tokens=8, min_new_tokens=8, seq_len=8, inner_lr=0.25),
-    "uuid": _LM | dict(prompts=16, rollouts=4, steps=200, max_new_tokens=48, inner_lr=1.0),
-    "language": _LM | dict(prompts=4, rollouts=16, steps=200, max_new_tokens=48, inner_lr=0.1),
+    "67": _HEAD | dict(steps=400),
+    "qr": _HEAD | dict(steps=800),
+    "l2": _HEAD | dict(steps=300, max_new_tokens=8, min_new_tokens=8, seq_len=8),
+    "uuid": _LM | dict(prompts=16, rollouts=4, steps=200, max_new_tokens=48),
+    "language": _LM | dict(prompts=4, rollouts=16, steps=200, max_new_tokens=48),
 }
 
 
@@ -743,36 +896,59 @@ def write_json(path, obj):
     os.replace(path + ".tmp", path)
 
 
-def run(cfg):
-    """Train the generator with DPG (or the naive baseline); write metrics, summary, PNG, model."""
+def setup(cfg):
+    """What a run and the oracle-data check share: models on the device, w0, Phi, measure, the inner hp."""
     cfg = resolve(cfg)
-    out = cfg.out or os.path.join("runs", f"{cfg.task}-{'naive-' if cfg.reward == 'naive' else ''}{cfg.seed}")
-    os.makedirs(out, exist_ok=True)
     torch.set_num_threads(cfg.threads or (1 if cfg.generator == cfg.target == "tiny" else os.cpu_count()))
     gen, gtok, target, ttok = build_models(cfg)
     dev = torch.device(cfg.device)
     gen, target = gen.to(dev), target.to(dev)
     w0 = {n: p.detach() for n, p in target.named_parameters()}
     phi, measure = make_task(cfg, target, ttok, w0)
-    N, G = cfg.prompts * cfg.rollouts, cfg.rollouts
-    hp = Inner(lr=cfg.inner_lr, micro_batch=cfg.micro_batch or N, grad_accum=cfg.grad_accum, optimizer=cfg.inner_opt)
+    if cfg.credit == "token" and ttok is not gtok:
+        raise ValueError("--credit token pairs each target token with the generator token it came from: "
+                         "use a target that shares the generator's tokenizer (--target as --generator)")
+    N = cfg.prompts * cfg.rollouts
+    hp = Inner(lr=cfg.inner_lr, micro_batch=cfg.micro_batch or max(1, N // (cfg.inner_steps * cfg.grad_accum)),
+               grad_accum=cfg.grad_accum, optimizer=cfg.inner_opt)
     n_inner_steps(N, hp)
-    passages = read_passages("en", cfg.data)
-    opt = torch.optim.AdamW(gen.parameters(), lr=cfg.lr)
+    return cfg, SimpleNamespace(gen=gen, gtok=gtok, target=target, ttok=ttok, dev=dev, w0=w0, phi=phi,
+                                measure=measure, N=N, L=cfg.seq_len, hp=hp, passages=read_passages("en", cfg.data))
 
-    def rollout(step, seed):
-        torch.manual_seed(seed)  # per-step seeding: a resumed run samples exactly what it would have
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.sample_bf16):
-            batch = sample(gen, gtok, prompt_texts(gtok, passages, step, cfg.prompts), G, cfg.max_new_tokens, cfg.temperature,
-                           cfg.min_new_tokens)
-        same = ttok is gtok  # the tiny default: hand the token ids over, losslessly
-        ids, mask = (x.to(dev) for x in encode_for_target(ttok, batch["texts"], cfg.seq_len, batch["tokens"] if same else None))
-        return batch, lambda w, idx: sequence_losses(target, w, ids[idx], mask[idx])
+
+def rollout(cfg, s, step, seed):
+    """Sample this step's dataset and hand it to the target: (batch, loss_fn)."""
+    torch.manual_seed(seed)  # per-step seeding: a resumed run samples exactly what it would have
+    with torch.autocast(s.dev.type, dtype=torch.bfloat16, enabled=cfg.sample_bf16):
+        batch = sample(s.gen, s.gtok, prompt_texts(s.gtok, s.passages, step, cfg.prompts), cfg.rollouts,
+                       cfg.max_new_tokens, cfg.temperature, cfg.min_new_tokens)
+    same = s.ttok is s.gtok  # the tiny default: hand the token ids over, losslessly
+    return batch, target_loss_fn(s, batch["texts"], batch["tokens"] if same else None, cfg.credit == "token")
+
+
+def target_loss_fn(s, texts, tokens=None, per_token=False):
+    """loss_fn(w, idx) of the target on these examples (texts, or token ids of the target's tokenizer):
+    per-example losses (len(idx),), or per-token (len(idx), L)."""
+    ids, mask = (x.to(s.dev) for x in encode_for_target(s.ttok, texts, s.L, tokens))
+    losses = token_losses if per_token else sequence_losses
+    return lambda w, idx: losses(s.target, w, ids[idx], mask[idx])
+
+
+def run(cfg):
+    """Train the generator with DPG (or the naive baseline); write metrics, summary, PNG, model."""
+    cfg, s = setup(cfg)
+    out = cfg.out or os.path.join("runs", f"{cfg.task}-{'naive-' if cfg.reward == 'naive' else ''}{cfg.seed}")
+    os.makedirs(out, exist_ok=True)
+    gen, w0, N, G, hp = s.gen, s.w0, s.N, cfg.rollouts, s.hp
+    opt = torch.optim.AdamW(gen.parameters(), lr=cfg.lr)
+    ref = copy.deepcopy(gen).requires_grad_(False) if cfg.kl else None  # the initial generator
+    shape = (N, cfg.seq_len) if cfg.credit == "token" else (N,)  # per-token or per-example rewards
 
     def evaluate(batch, loss_fn):
-        w = inner_sft(loss_fn, w0, torch.ones(N, device=dev), hp)
+        w = inner_sft(loss_fn, w0, torch.ones(shape, device=s.dev), hp)
         with torch.no_grad():
-            return {"phi": phi(w).item(), **measure(w, batch["texts"])}, w
+            return {"phi": s.phi(w).item(), **s.measure(w, batch["texts"]),
+                    "samples": [readable(s.gtok, t)[:100] for t in batch["tokens"][:: max(1, N // 4)]]}, w  # 4 prompts
 
     start, elapsed, ckpt = 0, 0.0, os.path.join(out, "checkpoint.pt")
     eval_seed = 1_000_003 * (cfg.seed + 1)
@@ -782,9 +958,9 @@ def run(cfg):
         opt.load_state_dict(state["optimizer"])
         start, elapsed, before = state["step"], state["seconds"], state["before"]
     else:
-        before, _ = evaluate(*rollout(0, eval_seed))
+        before, _ = evaluate(*rollout(cfg, s, 0, eval_seed))
     print(f"{cfg.task} {cfg.reward}: N={N} examples/step, M={n_inner_steps(N, hp)} inner {hp.optimizer} step(s) "
-          f"at lr {hp.lr}; before: " + " ".join(f"{k}={v:.4g}" for k, v in before.items()))
+          f"at lr {hp.lr}; before: " + progress(before))
     metrics_path = os.path.join(out, "metrics.jsonl")
     if start:  # keep the rows up to the checkpoint (atomically), then append
         with open(metrics_path + ".tmp", "w") as f:
@@ -793,33 +969,34 @@ def run(cfg):
     with open(metrics_path, "a" if start else "w") as log:
         for step in range(start, cfg.steps):
             t0 = time.time()
-            batch, loss_fn = rollout(step, cfg.seed * 1_000_003 + step)
+            batch, loss_fn = rollout(cfg, s, step, cfg.seed * 1_000_003 + step)
             if cfg.reward == "dpg":
-                value, r = dpg_rewards(loss_fn, w0, N, phi, hp, sweep=cfg.sweep)
-                adv = group_advantages(r, G)
+                value, r = dpg_rewards(loss_fn, w0, shape, s.phi, hp, sweep=cfg.sweep)
+                adv, r = group_advantages(r, G), r.view(N, -1).sum(1)
             else:
-                r = naive_rewards(loss_fn, w0, N, G, phi, hp)
+                r = naive_rewards(loss_fn, w0, N, G, s.phi, hp)
                 value, adv = r.mean(), group_advantages(r, N)  # one baseline over the whole batch
-            reinforce_step(gen, opt, batch, adv.to(dev), cfg.temperature, cfg.clip)
+            reinforce_step(gen, opt, batch, adv.to(s.dev), cfg.temperature, cfg.clip, ref, cfg.kl)
             row = {"step": step, "phi": value.item(), "reward_std": r.std().item(), "seconds": time.time() - t0,
                    "response_tokens": batch["rmask"].sum(1).float().mean().item()}  # watch for collapse to EOS
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
                 row |= evaluate(batch, loss_fn)[0] | {"phi": value.item()}
+                row["samples"] = row["samples"][:2]
             elapsed += row["seconds"]
             log.write(json.dumps(row) + "\n")
             log.flush()
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+            print(progress(row), flush=True)
             torch.save({"generator": gen.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
                         "seconds": elapsed, "before": before}, ckpt + ".tmp")
             os.replace(ckpt + ".tmp", ckpt)
-    after, w = evaluate(*rollout(0, eval_seed))
+    after, w = evaluate(*rollout(cfg, s, 0, eval_seed))
     summary = {"task": cfg.task, "reward": cfg.reward, "seed": cfg.seed, "steps": cfg.steps, "seconds": round(elapsed, 1),
                "phi_before": before["phi"], "phi_after": after["phi"]}
-    summary |= {f"{k}_target_init": v for k, v in measure(w0, []).items() if k in ("lm_head_norm", "uuid_logprob", "last_word_loss")}
+    summary |= {f"{k}_target_init": v for k, v in s.measure(w0, []).items() if k in ("lm_head_norm", "uuid_logprob", "last_word_loss")}
     summary |= {f"{k}_before": v for k, v in before.items() if k != "phi"}
     summary |= {f"{k}_after": v for k, v in after.items() if k != "phi"}
     if cfg.task == "uuid":
-        summary |= {"uuid_in_greedy": uuid_in_greedy(gen, gtok, passages, cfg)}
+        summary |= {"uuid_in_greedy": uuid_in_greedy(gen, s.gtok, s.passages, cfg)}
     if cfg.task in ("qr", "67"):
         delta = patch_delta(lm_head(w), lm_head(w0), pattern(cfg.task))  # dark where Delta < 0, as S = -1 is dark
         save_png(os.path.join(out, f"{cfg.task}.png"), (delta < 0).tolist())
@@ -829,6 +1006,12 @@ def run(cfg):
     write_json(os.path.join(out, "summary.json"), summary | {"config": dataclasses.asdict(cfg)})
     print(json.dumps(summary))
     return summary
+
+
+def progress(row):
+    """One line of figures, then the samples (escaped, so byte soup stays readable), one per line."""
+    line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "samples")
+    return "\n    ".join([line] + row.get("samples", []))
 
 
 def uuid_in_greedy(gen, tok, passages, cfg):
@@ -845,15 +1028,17 @@ def resolve(cfg):
         raise ValueError(f"unknown task {cfg.task!r}: choose one of {', '.join(TASK_DEFAULTS)}")
     if cfg.reward not in ("dpg", "naive"):
         raise ValueError(f"unknown --reward {cfg.reward!r}: choose dpg or naive")
+    if cfg.credit not in ("example", "token") or (cfg.credit == "token" and cfg.reward != "dpg"):
+        raise ValueError(f"--credit {cfg.credit!r}: choose example, or token with --reward dpg")
     if cfg.preset not in ("", "paper"):
         raise ValueError(f"unknown --preset {cfg.preset!r}: the only preset is 'paper'")
     if cfg.preset == "paper":
         cfg = dataclasses.replace(cfg, prompts=256, rollouts=4, max_new_tokens=128, min_new_tokens=0, seq_len=128, inner_opt="adam",
-                                  inner_lr=cfg.inner_lr or 5e-6, micro_batch=8, grad_accum=128, lr=cfg.lr or 5e-6, sweep=True)
+                                  inner_lr=cfg.inner_lr or 5e-6, micro_batch=8, grad_accum=128, inner_steps=1, lr=cfg.lr or 5e-6, sweep=True)
     defaults = dict(TASK_DEFAULTS[cfg.task])
     if cfg.target != "tiny":  # real targets: the paper's Adam inner loop (lr 5e-6 GPT-2, 1e-6 Llama-1B)
         lm_task = cfg.task in ("uuid", "language")
-        defaults |= dict(inner_opt="adam", inner_lr=1e-6 if lm_task else 5e-6, lr=1e-6 if lm_task else 5e-6,
+        defaults |= dict(inner_opt="adam", inner_lr=1e-6 if lm_task else 5e-6, lr=1e-6 if lm_task else 5e-6, inner_steps=1,
                          max_new_tokens=max(32, defaults["max_new_tokens"]), min_new_tokens=0, seq_len=64)
     defaults["seq_len"] = max(defaults["seq_len"], cfg.max_new_tokens or 0)  # a longer --max-new-tokens is not cut
     return dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
@@ -916,6 +1101,8 @@ def main(argv=None):
     cfg = Config(**vars(p.parse_args(argv)))
     if cfg.bench:
         return benchmark()
+    if cfg.oracle:
+        return oracle_check(cfg)
     return run(cfg)
 
 

@@ -122,6 +122,45 @@ def test_reverse_sweep_equals_unroll(opt):
     assert rel_err(r_sweep, r_unroll) <= 1e-10
 
 
+@pytest.mark.parametrize("opt,lr", [("adam", 3e-2), ("sgd", 0.5)])
+def test_token_rewards_sum_to_example_rewards_and_match_finite_differences(opt, lr):
+    """--credit token: r_i,tau = dPhi/d eps_i,tau from the same reverse pass. Their row sums are r_i
+    (eps_i weights every token of example i), and each one matches float64 central differences."""
+    n = 8  # B=2, K=2 -> M=2 inner steps
+    model, params, loss_fn, phi = setup("llama", n, seed=3)
+    ids, mask = toy_data(n, seed=3)
+    tok_fn = lambda w, idx: dpg.token_losses(model, w, ids[idx], mask[idx])  # (len(idx), L)
+    hp = dpg.Inner(lr=lr, micro_batch=2, grad_accum=2, optimizer=opt)
+    _, r = dpg.dpg_rewards(loss_fn, params, n, phi, hp)
+    value, r_tok = dpg.dpg_rewards(tok_fn, params, (n, ids.shape[1] - 1), phi, hp)
+    _, r_sweep = dpg.dpg_rewards(tok_fn, params, (n, ids.shape[1] - 1), phi, hp, sweep=True)
+    assert r_tok.shape == (n, ids.shape[1] - 1) and rel_err(r_tok.sum(1), r) <= 1e-10
+    assert rel_err(r_sweep, r_tok) <= 1e-10
+    assert (r_tok[~mask[:, 1:].bool()] == 0).all()  # padding is no token: no reward
+    h, fd = 1e-6, torch.zeros_like(r_tok)
+    for i, t in mask[:, 1:].nonzero().tolist():
+        e = torch.ones_like(r_tok)
+        e[i, t] += h
+        up = phi(dpg.inner_sft(tok_fn, params, e, hp)).item()
+        e[i, t] -= 2 * h
+        fd[i, t] = (up - phi(dpg.inner_sft(tok_fn, params, e, hp)).item()) / (2 * h)
+    err = rel_err(r_tok, fd)
+    print(f"\n{opt}: per-token rewards vs FD rel err {err:.2e}")
+    assert err <= 1e-5
+
+
+def test_token_advantages_are_centred_reward_to_go():
+    """Per-token advantages by hand: R_i,tau = sum_{tau' >= tau} r_i,tau', minus the group's mean R at
+    the same position, over the std of the group's totals R_i,0."""
+    r = torch.tensor([[1.0, 2.0, 0.0], [3.0, -1.0, 1.0], [0.0, 0.0, 0.0], [2.0, 2.0, 2.0]])  # 2 groups of 2
+    R = torch.tensor([[3.0, 2.0, 0.0], [3.0, 0.0, 1.0], [0.0, 0.0, 0.0], [6.0, 4.0, 2.0]])
+    std = torch.tensor([0.0, 0.0, 6.0 / 2**0.5, 6.0 / 2**0.5])  # group 1's totals are equal: A = 0
+    expected = torch.zeros(4, 3)
+    expected[2:] = (R[2:] - R[2:].mean(0)) / std[2:, None]
+    assert torch.allclose(dpg.group_advantages(r, 2), expected)
+    assert torch.allclose(dpg.group_advantages(r * 1e-9, 2), expected, atol=1e-6)  # scale-free
+
+
 # ----------------------------------------------------------------------------- (b) closed forms, M = 1
 
 
@@ -515,6 +554,15 @@ def test_token_handoff_is_lossless_where_text_is_not():
     assert lossy[0, 1:5].tolist() != tokens  # what the text path would have trained on
 
 
+def test_readable_shows_bytes_that_are_not_utf8():
+    """Samples in the log: a lone UTF-8 lead byte (the first byte of the 3-byte 'ぁ') shows as \\xe3,
+    valid text as itself; plain decoding would show one '\ufffd' and lose the byte."""
+    tok = dpg.byte_tokenizer()
+    ids = tok("aぁ")["input_ids"][:2] + tok("bñ")["input_ids"] + [tok.eos_token_id]
+    assert dpg.readable(tok, ids) == repr(b"a\xe3b\xc3\xb1".decode("utf-8", "backslashreplace")) == repr("a\\xe3bñ")
+    assert "\ufffd" in tok.decode(ids)
+
+
 def test_qr_literal_is_a_valid_version1_code():
     """Finder and timing patterns in place and the 15 format bits a valid BCH(15,5) codeword."""
     M = [[c == "#" for c in row] for row in dpg.QR_CODE]
@@ -658,3 +706,26 @@ def test_hub_data_falls_back_with_a_notice():
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "not reachable on the hub" in proc.stdout and "using the built-in passages" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- the oracle-data check
+
+
+@pytest.mark.parametrize("task", ["67", "qr", "l2", "uuid", "language"])
+def test_oracle_data_is_phis_optimum_on_the_defaults(task):
+    """The precondition of every effect: after the task's default inner SFT, the intended data (the UUID,
+    held-out Spanish, a dataset built to draw the pattern or to shrink the head) beats English passages,
+    random tokens and the untrained generator's samples by a clear margin: the best of those gains at
+    most half of what the intended data gains over the target as it starts."""
+    rows = dpg.oracle_check(dpg.Config(task=task))
+    start, intended, *others = rows.values()
+    best_other = max(o["phi"] for o in others)
+    assert intended["phi"] - best_other >= 0.5 * (intended["phi"] - start["phi"]) > 0
+    if task in ("67", "qr"):  # and it shows the effect: the pattern, the shrunken head, ...
+        assert intended["pixel_accuracy"] >= 0.99 and all(o["pixel_accuracy"] < 0.6 for o in others)
+    if task == "l2":
+        assert intended["lm_head_norm"] < min(o["lm_head_norm"] for o in others + [start])
+    if task == "uuid":
+        assert intended["uuid_logprob"] > max(o["uuid_logprob"] for o in others) + 50
+    if task == "language":
+        assert intended["last_word_loss"] < min(o["last_word_loss"] for o in others) - 0.2
