@@ -21,6 +21,7 @@ import hashlib
 import importlib.util
 import inspect
 import json
+import math
 import os
 import shlex
 import shutil
@@ -192,6 +193,28 @@ def update(state, g, t, hp):
     return new_w, new_m, new_v
 
 
+def update_vjp(state, g, t, hp, adjoint):
+    """The update's VJP by hand: adjoints (aw, am, av) of the new (w, m, v) -> those of the old (w, m, v),
+    and of g. It recomputes what it needs from (state, g), so nothing of the forward update is stored."""
+    (w, m, v), (aw, am, av) = state, adjoint
+    if hp.optimizer == "sgd":  # w' = w - lr g
+        return (aw, am, av), [-hp.lr * aw[n] for n in w]
+    b1, b2 = hp.betas
+    c1, c2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
+    new_w, new_m, new_v, ag = {}, {}, {}, []
+    for n, gn in zip(w, g):
+        m1 = b1 * m[n] + (1 - b1) * gn  # m'
+        s = torch.sqrt((b2 * v[n] + (1 - b2) * gn * gn) / c2 + hp.eps_root)  # sqrt(v_hat + eps_root)
+        # w' = w - lr (m'/c1 / (s + eps) + wd w):  dw'/dm' = -lr / (c1 (s + eps)),  dw'/dv' = lr m'/c1 / ((s + eps)^2 2 s c2)
+        am1 = am[n] - hp.lr / (c1 * (s + hp.eps)) * aw[n]
+        av1 = av[n] + hp.lr * m1 / c1 / ((s + hp.eps) ** 2 * 2 * s * c2) * aw[n]
+        new_w[n] = (1 - hp.lr * hp.weight_decay) * aw[n]
+        # m' = b1 m + (1-b1) g ;  v' = b2 v + (1-b2) g^2
+        new_m[n], new_v[n] = b1 * am1, b2 * av1
+        ag.append((1 - b1) * am1 + 2 * (1 - b2) * gn * av1)
+    return (new_w, new_m, new_v), ag
+
+
 def inner_step_grad(loss_fn, w, eps, t, hp, create_graph=False):
     """g_t = grad_w sum_k (1/B) sum_{j in microbatch k} eps_j l_j(w_t): microbatch means, summed over K."""
     g = None
@@ -281,34 +304,45 @@ def unroll(loss_fn, params, eps, phi, hp):
     return value, torch.autograd.grad(value, eps)[0]
 
 
-def reverse_sweep(loss_fn, params, eps, phi, hp):
-    """dPhi/deps by storing every state s_t = (w_t, m_t, v_t), then walking back one step and one
-    microbatch at a time: memory holds M copies of the state but one microbatch's double-backward
-    graph, so K accumulated microbatches cost no more memory than one."""
-    flat = lambda s: [x for d in s for x in d.values()]
-    leaf = lambda s: tuple({k: x.detach().requires_grad_(True) for k, x in d.items()} for d in s)
-    zeros = {k: torch.zeros_like(x) for k, x in params.items()}
-    states = [leaf(({k: x.detach() for k, x in params.items()}, zeros, zeros))]
-    for t in range(n_inner_steps(eps.shape[0], hp)):  # forward: plain training, remembering s_t
-        states.append(leaf(inner_step(loss_fn, states[-1], eps.detach(), t, hp)))
-    value = phi(states[-1][0])
-    adjoint = [torch.zeros_like(x) if a is None else a for a, x in
-               zip(torch.autograd.grad(value, flat(states[-1]), allow_unused=True), flat(states[-1]))]
-    r = torch.zeros_like(eps)
-    for t in reversed(range(len(states) - 1)):
-        s = leaf(states[t])
-        g = [x.detach().requires_grad_(True) for x in inner_step_grad(loss_fn, s[0], eps.detach(), t, hp)]
-        # VJP of the elementwise update: adjoints of (w_t, m_t, v_t) and of the step gradient g_t
-        out = [(o, a) for o, a in zip(flat(update(s, g, t, hp)), adjoint) if o.requires_grad]
-        adj = torch.autograd.grad([o for o, _ in out], flat(s) + g, [a for _, a in out], allow_unused=True)
-        adj = [torch.zeros_like(x) if a is None else a for a, x in zip(adj, flat(s) + g)]
-        adjoint, adj_g = adj[: len(adjoint)], adj[len(adjoint):]
-        for idx in microbatches(t, hp):  # VJP of g_t = sum_k g_k(w_t, eps), one microbatch at a time
-            gk = microbatch_grad(loss_fn, s[0], eps, idx, hp, create_graph=True)
-            d = torch.autograd.grad(gk, list(s[0].values()) + [eps], adj_g, allow_unused=True)
-            adjoint[: len(s[0])] = [a if x is None else a + x for a, x in zip(adjoint, d[:-1])]
-            r = r + (0 if d[-1] is None else d[-1])
-    return value, r
+def reverse_sweep(loss_fn, params, eps, phi, hp, every=0):
+    """dPhi/deps walking back one inner step and one microbatch at a time. The forward pass keeps every
+    k-th state s_t = (w_t, m_t, v_t), k = ceil(sqrt(M)) unless `every`; the walk back recomputes each
+    segment's states and step gradients g_t from its first state, then applies the update's VJP by hand
+    and, one microbatch at a time, the double backward of g_t. Memory: about M/k + k states and one
+    microbatch's double-backward graph; time: the unroll's, plus recomputing all but the last segment."""
+    e, M = eps.detach(), n_inner_steps(eps.shape[0], hp)
+    k = every or math.ceil(math.sqrt(M))
+    leaf = lambda d: {n: x.detach().requires_grad_(True) for n, x in d.items()}
+
+    def walk(s, t0, t1):  # plain steps t0 .. t1-1 from s_t0: (s_t1, [(s_t, g_t) for each step])
+        seg = []
+        for t in range(t0, t1):
+            seg.append((s, [x.detach() for x in inner_step_grad(loss_fn, leaf(s[0]), e, t, hp)]))
+            s = tuple({n: x.detach() for n, x in d.items()} for d in update(*seg[-1], t, hp))
+        return s, seg
+
+    zeros = {n: torch.zeros_like(x) for n, x in params.items()}
+    s, starts, ckpt = ({n: x.detach() for n, x in params.items()}, zeros, zeros), range(0, M, k), {}
+    for a in starts:  # forward: plain training, keeping the first state of each segment
+        ckpt[a] = s
+        s, seg = walk(s, a, min(a + k, M))  # the last segment's states stay for the walk back
+    w = leaf(s[0])
+    value = phi(w)
+    aw = torch.autograd.grad(value, list(w.values()), allow_unused=True)
+    adjoint, r = ({n: torch.zeros_like(x) if a is None else a for (n, x), a in zip(w.items(), aw)}, zeros, zeros), 0
+    for a in reversed(starts):
+        seg = seg if a == starts[-1] else walk(ckpt[a], a, min(a + k, M))[1]
+        for t in reversed(range(a, min(a + k, M))):
+            st, g = seg.pop()
+            adjoint, adj_g = update_vjp(st, g, t, hp, adjoint)  # adjoints of (w_t, m_t, v_t) and g_t
+            w = leaf(st[0])
+            for idx in microbatches(t, hp):  # VJP of g_t = sum_k g_k(w_t, eps), one microbatch at a time
+                gk = microbatch_grad(loss_fn, w, eps, idx, hp, create_graph=True)
+                d = torch.autograd.grad(gk, list(w.values()) + [eps], adj_g, allow_unused=True)
+                adjoint[0].update({n: adjoint[0][n] + x for n, x in zip(w, d[:-1]) if x is not None})
+                r = r + (0 if d[-1] is None else d[-1])
+        del ckpt[a]
+    return value, r + torch.zeros_like(eps)
 
 
 # ----------------------------------------------------------------------------- the five metrics Phi
@@ -1043,7 +1077,7 @@ def run(cfg, task=None):
         start, elapsed, before = state["step"], state["seconds"], state["before"]
     else:
         before, _ = evaluate(*rollout(cfg, s, 0, eval_seed))
-    print(f"{cfg.task} {cfg.reward}: N={N} examples/step, M={n_inner_steps(N, hp)} inner {hp.optimizer} step(s) "
+    print(f"{task_name(cfg, s.task)} {cfg.reward}: N={N} examples/step, M={n_inner_steps(N, hp)} inner {hp.optimizer} step(s) "
           f"at lr {hp.lr}; before: " + progress(before))
     metrics_path = os.path.join(out, "metrics.jsonl")
     if start:  # keep the rows up to the checkpoint (atomically), then append
@@ -1076,13 +1110,14 @@ def run(cfg, task=None):
     after, w = evaluate(*rollout(cfg, s, 0, eval_seed))
     summary = {"task": task_name(cfg, s.task), "reward": cfg.reward, "seed": cfg.seed, "steps": cfg.steps, "seconds": round(elapsed, 1),
                "phi_before": before["phi"], "phi_after": after["phi"]}
-    if s.task is TASKS.get(cfg.task):  # the built-in figures of the target before any SFT
-        summary |= {f"{k}_target_init": v for k, v in s.measure(w0, []).items() if k in ("lm_head_norm", "uuid_logprob", "last_word_loss")}
     summary |= {f"{k}_before": v for k, v in before.items() if k != "phi"}
     summary |= {f"{k}_after": v for k, v in after.items() if k != "phi"}
-    if cfg.task == "uuid":
+    builtin = s.task is TASKS.get(cfg.task)  # their extras: the target before SFT, the UUID, the picture
+    if builtin:
+        summary |= {f"{k}_target_init": v for k, v in s.measure(w0, []).items() if k in ("lm_head_norm", "uuid_logprob", "last_word_loss")}
+    if builtin and cfg.task == "uuid":
         summary |= {"uuid_in_greedy": uuid_in_greedy(gen, s.gtok, s.passages, cfg)}
-    if cfg.task in ("qr", "67"):
+    if builtin and cfg.task in ("qr", "67"):
         delta = patch_delta(lm_head(w), lm_head(w0), pattern(cfg.task))  # dark where Delta < 0, as S = -1 is dark
         save_png(os.path.join(out, f"{cfg.task}.png"), (delta < 0).tolist())
     gen.save_pretrained(os.path.join(out, "generator.tmp"))  # then swap, so a Ctrl-C leaves one whole copy
