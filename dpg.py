@@ -66,6 +66,9 @@ class Config:
     """generator gradient-norm clip"""
     kl: float = None
     """weight of the KL penalty to the initial generator (None: the task's default)"""
+    max_kl: float = None
+    """trust region: a generator step whose KL(pi_old || pi_new) on its own batch exceeds this (nats per
+    sequence) is retaken at half the lr, up to 6 times, else skipped; 0 = off (None: the task's default)"""
     credit: str = None
     """token: one reward per target token, reward-to-go in REINFORCE (the target must share the
     generator's tokenizer); example: one per example, as in the paper (None: the task's default)"""
@@ -711,13 +714,19 @@ def group_advantages(r, group):
     return torch.where(ok, (R - R.mean(1, keepdim=True)) / torch.where(ok, std, 1.0), 0.0).view(r.shape)
 
 
-def reinforce_step(gen, opt, batch, advantages, temperature, clip, ref=None, kl=0.0):
+def reinforce_step(gen, opt, batch, advantages, temperature, clip, ref=None, kl=0.0, max_kl=0.0, halvings=6):
     """grad J ~= sum_i A_i grad log pi_theta(x_i): one AdamW step on -mean_i A_i log pi(x_i).
+    Returns (loss, KL(pi_old || pi_new) per sequence on the batch, the fraction of the lr taken).
 
     Per-token advantages (N, L) weight each token's score instead (reward-to-go): to first order in
     the inner lr, r_i,tau depends on x_i,<=tau only, so the score of token tau is independent of the
     rewards before it, and dropping those terms removes noise without bias. kl > 0 adds a KL penalty
-    to the frozen initial generator `ref` (GRPO's k3 term), which keeps pi from dropping what ref writes."""
+    to the frozen initial generator `ref` (GRPO's k3 term), which keeps pi from dropping what ref writes.
+
+    max_kl > 0 is a trust region on the policy: gradient clipping bounds the gradient, not AdamW's step
+    (which is ~lr per weight whatever the gradient), and one ordinary-looking step has moved the policy's
+    log-probabilities of its own batch by 14 nats (results/NOTES.md). A step whose KL on the batch exceeds
+    max_kl is undone and retaken at half the lr, up to `halvings` times, else skipped."""
     logp = token_logprobs(gen, batch, temperature)  # (N, Tr)
     A = advantages[:, None] if advantages.dim() == 1 else F.pad(advantages, (0, logp.shape[1]))[:, : logp.shape[1]]
     loss = -(A.detach() * logp).sum(1).mean()
@@ -731,8 +740,31 @@ def reinforce_step(gen, opt, batch, advantages, temperature, clip, ref=None, kl=
     opt.zero_grad()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(gen.parameters(), clip)
-    opt.step()
-    return loss.item()
+    params, lr = list(gen.parameters()), opt.param_groups[0]["lr"]
+    saved = ([p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())) if max_kl else None
+
+    def restore():  # undo a rejected step: the weights and AdamW's state as they were
+        with torch.no_grad():
+            for p, q in zip(params, saved[0]):
+                p.copy_(q)
+        opt.load_state_dict(saved[1])
+
+    for k in range(halvings + 1 if max_kl else 1):  # try lr, lr/2, ..., lr/2^halvings
+        if k:
+            restore()
+        opt.param_groups[0]["lr"] = lr / 2**k
+        opt.step()
+        opt.param_groups[0]["lr"] = lr
+        if not max_kl:
+            return loss.item(), None, 1.0
+        with torch.no_grad():  # d = log pi_new - log pi_old on the tokens drawn from pi_old (0 after EOS)
+            d = token_logprobs(gen, batch, temperature) - logp.detach()
+        # KL(pi_old || pi_new) = sum_tau E_{x~pi_old}[e^d - 1 - d] (k3 per token: unbiased, >= 0), per sequence
+        step_kl = (torch.exp(d) - 1 - d).sum(1).mean().item()
+        if step_kl <= max_kl:
+            return loss.item(), step_kl, 1 / 2**k
+    restore()  # nothing fits: skip this step
+    return loss.item(), 0.0, 0.0
 
 
 def naive_rewards(loss_fn, params, n, group, phi, hp):
@@ -925,13 +957,14 @@ def oracle_check(cfg):
 # lr 3e-3 (LM tasks) is where the intended data wins the oracle-data check by the widest margin.
 # Generator: AdamW lr 3e-3 (at 1e-2 every weight moves ~10-50 % of its size per step, and noisy steps
 # drove the language runs into soup with Phi below the untrained generator's on all three seeds), with
-# per-token credit: on seeds 0-2 it kept Phi above the untrained generator's on every run of every
-# task, where one reward per example failed on one L2 and one language seed (results/NOTES.md).
+# per-token credit: on seeds 0-2 its medians beat one reward per example on every task, and it kept
+# Phi above the untrained generator's on every L2, uuid and language run (per example: one L2 and one
+# language seed fell below), though one 67 run fell off a late cliff (results/NOTES.md).
 # Head tasks start from an untrained generator (the pre-trained one never samples the patch's tokens
 # !"#$%&'...) with groups of G = 16; L2 writes exactly 8 tokens (L = 8).
-_HEAD = dict(pretrain_steps=0, kl=0.0, credit="token", prompts=4, rollouts=16, max_new_tokens=32, min_new_tokens=0, seq_len=32, lr=3e-3,
+_HEAD = dict(pretrain_steps=0, kl=0.0, max_kl=1.0, credit="token", prompts=4, rollouts=16, max_new_tokens=32, min_new_tokens=0, seq_len=32, lr=3e-3,
              inner_opt="adam", inner_lr=1e-4, inner_steps=4)
-_LM = dict(pretrain_steps=300, kl=0.0, credit="token", min_new_tokens=0, seq_len=48, lr=3e-3, inner_opt="adam", inner_lr=3e-3, inner_steps=4)
+_LM = dict(pretrain_steps=300, kl=0.0, max_kl=1.0, credit="token", min_new_tokens=0, seq_len=48, lr=3e-3, inner_opt="adam", inner_lr=3e-3, inner_steps=4)
 TASKS = {
     "67": pattern_task("67", steps=400),
     "qr": pattern_task("qr", steps=800),
@@ -1100,8 +1133,9 @@ def run(cfg, task=None):
             else:
                 r = naive_rewards(loss_fn, w0, N, G, s.phi, hp)
                 value, adv = r.mean(), group_advantages(r, N)  # one baseline over the whole batch
-            reinforce_step(gen, opt, batch, adv.to(s.dev), cfg.temperature, cfg.clip, ref, cfg.kl)
+            _, step_kl, lr_taken = reinforce_step(gen, opt, batch, adv.to(s.dev), cfg.temperature, cfg.clip, ref, cfg.kl, cfg.max_kl)
             row = {"step": step, "phi": value.item(), "reward_std": r.std().item(), "seconds": time.time() - t0,
+                   "policy_kl": step_kl, "lr_taken": lr_taken,
                    "response_tokens": batch["rmask"].sum(1).float().mean().item()}  # watch for collapse to EOS
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
                 row |= evaluate(batch, loss_fn)[0] | {"phi": value.item()}
@@ -1163,6 +1197,8 @@ def resolve(cfg, task=None):
         lm_task = not task.head
         defaults |= dict(inner_opt="adam", inner_lr=1e-6 if lm_task else 5e-6, lr=1e-6 if lm_task else 5e-6, inner_steps=1,
                          max_new_tokens=max(32, defaults["max_new_tokens"]), min_new_tokens=0, seq_len=64)
+    if cfg.generator != "tiny":  # measured on the tiny generator only; it keeps a copy of a real one's weights and AdamW state
+        defaults["max_kl"] = 0.0
     defaults["seq_len"] = max(defaults["seq_len"], cfg.max_new_tokens or 0)  # a longer --max-new-tokens is not cut
     if cfg.reward == "naive" or cfg.target != "tiny" or cfg.generator != "tiny":
         defaults["credit"] = "example"  # one Phi per dataset; or tokenizers that may differ: the paper's credit

@@ -3,6 +3,7 @@ forms, leave-one-out retraining, exhaustive enumeration, or a hand computation.
 
     python -m pytest -q test_dpg.py          # add -s to see the printed figures
 """
+import copy
 import itertools
 import json
 import math
@@ -549,6 +550,53 @@ def test_response_logprobs_are_the_samplers_own(min_new):
     is_eos = resp == tok.eos_token_id
     assert not is_eos[:, :min_new].any() and is_eos.any()  # EOS was sampled, never before min_new
     assert (batch["rmask"].sum(1) < T).any()  # some responses ended early and were cut after EOS
+
+
+def test_trust_region_takes_the_largest_halved_step_within_max_kl():
+    """reinforce_step(max_kl): the step it keeps is a plain AdamW step at lr / 2^k for the smallest k whose
+    KL(pi_old || pi_new) on the batch (sum over tokens of e^d - 1 - d, d = log pi_new - log pi_old) is at
+    most max_kl, replayed here on copies with torch.optim.AdamW and scored with log-probs from full
+    forwards (no KV cache); a bound no halving meets leaves the generator and AdamW's state untouched."""
+    tok, temp = dpg.byte_tokenizer(), 1.0
+    gen = dpg.tiny_lm("gpt2", len(tok), 16, 1, seed=3, tie=False)
+    torch.manual_seed(0)
+    batch = dpg.sample(gen, tok, ["Rephrase: a b", "Rephrase: the river"], 4, 6, temp)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5] * 2)
+    n = batch["n_prompt"]
+
+    def logp(model):  # (N, Tr) by a full forward of prompt + response
+        pos = (batch["attn"].cumsum(1) - 1).clamp(min=0)
+        logits = model(batch["ids"], attention_mask=batch["attn"], position_ids=pos).logits[:, n - 1:-1] / temp
+        return torch.log_softmax(logits, -1).gather(-1, batch["ids"][:, n:, None])[..., 0] * batch["rmask"]
+
+    def replay(lr):  # a fresh AdamW step from the same state: (generator, its KL on the batch)
+        g = copy.deepcopy(gen)
+        opt = torch.optim.AdamW(g.parameters(), lr=lr)
+        old = logp(g).detach()
+        (-(adv[:, None] * logp(g)).sum(1).mean()).backward()
+        torch.nn.utils.clip_grad_norm_(g.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            d = logp(g) - old
+        return g, (torch.exp(d) - 1 - d).sum(1).mean().item()
+
+    lr = 3e-2
+    kls = [replay(lr / 2**k)[1] for k in range(4)]
+    assert kls[0] > kls[1] > kls[2] > kls[3] > 0  # halving the lr shrinks the KL: the bound below cuts at k = 2
+    max_kl = (kls[1] + kls[2]) / 2
+    for bound, k in ((1e9, 0), (max_kl, 2), (1e-15, None)):
+        g = copy.deepcopy(gen)
+        opt = torch.optim.AdamW(g.parameters(), lr=lr)
+        _, kl, taken = dpg.reinforce_step(g, opt, batch, adv, temp, 1.0, max_kl=bound)
+        if k is None:  # nothing fits: no step at all, and AdamW's state is as before
+            assert taken == 0 and not opt.state
+            assert all(torch.equal(p, q) for p, q in zip(g.parameters(), gen.parameters()))
+            continue
+        oracle, oracle_kl = replay(lr / 2**k)
+        assert taken == 2.0**-k and math.isclose(kl, oracle_kl, rel_tol=1e-3) and kl <= bound
+        diff = lambda a, b: max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+        assert diff(g, oracle) <= 1e-3 * diff(oracle, gen)  # float32 noise of the two log-prob paths
+        assert opt.param_groups[0]["lr"] == lr  # the lr is given back for the next step
 
 
 def test_naive_rewards_grouping():
