@@ -514,7 +514,8 @@ def readable(tok, ids):
     chars = byte_chars()
     s = "".join(tok.convert_ids_to_tokens([i for i in ids if i not in tok.all_special_ids]))
     ok = all(c in chars for c in s)
-    return repr(bytes(chars[c] for c in s).decode("utf-8", "backslashreplace") if ok else tok.decode(ids, skip_special_tokens=True))
+    text = bytes(chars[c] for c in s).decode("utf-8", "backslashreplace") if ok else tok.decode(ids, skip_special_tokens=True)
+    return repr(text).replace("\\\\", "\\")  # one backslash per escape, as a person would write it
 
 
 def byte_tokenizer():
