@@ -67,11 +67,9 @@ class Config:
     kl: float = None
     """weight of the KL penalty to the initial generator (None: the task's default)"""
     max_kl: float = None
-    """trust region: a generator step whose KL(pi_old || pi_new) on its own batch exceeds this (nats per
-    sequence) is retaken at half the lr, up to 6 times, else skipped; 0 = off (None: the task's default)"""
+    """trust region: a step with KL(pi_old || pi_new) > max_kl nats/sequence on its batch is retaken at lr/2 (0 = off)"""
     credit: str = None
-    """token: one reward per target token, reward-to-go in REINFORCE (the target must share the
-    generator's tokenizer); example: one per example, as in the paper (None: the task's default)"""
+    """token: a reward per target token, reward-to-go (shared tokenizer only); example: one per example, as the paper"""
     inner_opt: str = None
     """inner optimizer, adam or sgd (None: the task's default)"""
     inner_lr: float = None
@@ -85,8 +83,7 @@ class Config:
     sweep: bool = False
     """rewards by the reverse sweep: memory of one microbatch's graph instead of all M*K (slower)"""
     seq_len: int = None
-    """L: target tokens per example (responses are cut, padding counts in the 1/L; None: the task's
-    default, raised to --max-new-tokens)"""
+    """L: target tokens per example (responses are cut, padding counts in the 1/L; at least --max-new-tokens)"""
     lang: str = "es"
     """language task: es, fr, de or it"""
     data: str = "builtin"
@@ -102,8 +99,7 @@ class Config:
     sample_bf16: bool = False
     """sample under bf16 autocast; the update's log-probs and the inner loop stay fp32 (README)"""
     preset: str = ""
-    """'paper': the paper's bs256 shape for a GPU (256 prompts x 4 rollouts, 128 new tokens, L = 128,
-    M = 1 Adam step at lr 5e-6, B = 8 with K = 128 accumulated microbatches, --sweep)"""
+    """'paper': the paper's bs256 shape for a GPU (256 x 4 rollouts, 128 tokens, one Adam step, B=8, K=128; README)"""
     threads: int = 0
     """CPU threads; 0 = 1 for tiny models (OpenMP spin-waiting made them 50x slower on shared cores)"""
     log_every: int = 5
