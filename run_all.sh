@@ -13,7 +13,7 @@ TASKS=${TASKS-"qr 67 l2 uuid language"}
 REWARDS=${REWARDS-"dpg naive"}
 mkdir -p results runs
 for task in $TASKS; do for reward in $REWARDS; do for seed in $SEEDS; do echo "$task $reward $seed"; done; done; done |
-  xargs -P 2 -L 1 sh -c 'python dpg.py --task $0 --reward $1 --seed $2 --out runs/$0-$1-$2 > runs/$0-$1-$2.log 2>&1 &&
+  xargs -r -P 2 -L 1 sh -c 'python dpg.py --task $0 --reward $1 --seed $2 --out runs/$0-$1-$2 > runs/$0-$1-$2.log 2>&1 &&
                           echo "$0 $1 seed $2: $(tail -n 1 runs/$0-$1-$2.log | cut -c1-160)"'
 
 if [ "${ORACLE:-1}" = 1 ]; then  # the precondition of every effect (README "The oracle-data check")
@@ -31,33 +31,38 @@ import glob, json, os, shutil, statistics as st
 measure = {"67": "pixel_accuracy", "qr": "pixel_accuracy", "l2": "lm_head_norm", "uuid": "uuid_logprob",
            "language": "last_word_loss"}
 fmt = lambda xs, f: f"{st.median(xs):{f}} [{min(xs):{f}}, {max(xs):{f}}]"
-rows = ["| task | reward | seeds | minutes | Phi: untrained -> trained generator | success measure: untrained -> trained "
-        "| last fifth of the steps above the untrained Phi |", "|---|---|---|---|---|---|---|"]
+rows = ["| task | reward | seeds | minutes | Phi: untrained -> trained generator | Phi, last fifth of the steps (median) "
+        "| success measure: untrained -> trained | runs whose last fifth stays above the untrained Phi "
+        "| steps the trust region halved (skipped) |", "|---|---|---|---|---|---|---|---|---|"]
 for task, key in measure.items():
     for reward in ("dpg", "naive"):
         runs = []
         for path in sorted(glob.glob(f"runs/{task}-{reward}-*/summary.json")):
             s = json.load(open(path))
-            log = [json.loads(l)["phi"] for l in open(os.path.join(os.path.dirname(path), "metrics.jsonl"))]
-            runs.append((s, min(log[int(0.8 * len(log)):]) > s["phi_before"]))
+            log = [json.loads(l) for l in open(os.path.join(os.path.dirname(path), "metrics.jsonl"))]
+            tail = [r["phi"] for r in log[int(0.8 * len(log)):]]
+            s |= {"tail": st.median(tail), "halved": sum(0 < (r.get("lr_taken") or 1) < 1 for r in log),
+                  "skipped": sum(r.get("lr_taken") == 0 for r in log)}
+            runs.append((s, min(tail) > s["phi_before"]))
         if not runs:
             continue
         S = [s for s, _ in runs]
         f = ".3g" if task in ("67", "qr", "language") else ".4g" if task == "l2" else ".0f"
+        extra = (f"; UUID in greedy output: {sum(s['uuid_in_greedy'] for s in S)} of {len(S)}" if task == "uuid" else
+                 f"; share in {S[0]['config']['lang']} (stop words): " + fmt([s['target_language_share_after'] for s in S], ".2f")
+                 if task == "language" else "")
         rows.append(f"| {task} | {reward} | {len(S)} | {fmt([s['seconds'] / 60 for s in S], '.1f')} | "
                     f"{fmt([s['phi_before'] for s in S], '.4g')} -> {fmt([s['phi_after'] for s in S], '.4g')} | "
-                    f"{key} {fmt([s[key + '_before'] for s in S], f)} -> {fmt([s[key + '_after'] for s in S], f)} | "
-                    f"{sum(ok for _, ok in runs)} of {len(runs)} |")
-        if task == "uuid":
-            rows[-1] = rows[-1][:-1] + f"UUID in greedy output: {sum(s['uuid_in_greedy'] for s in S)} of {len(S)} |"
-        if task == "language":  # the share of samples in the target language, by the stop-word identifier
-            rows[-1] = rows[-1][:-1] + f"share in {S[0]['config']['lang']}: " + fmt([s['target_language_share_after'] for s in S], ".2f") + " |"
+                    f"{fmt([s['tail'] for s in S], '.4g')} | "
+                    f"{key} {fmt([s[key + '_before'] for s in S], f)} -> {fmt([s[key + '_after'] for s in S], f)}{extra} | "
+                    f"{sum(ok for _, ok in runs)} of {len(runs)} | "
+                    f"{' / '.join(str(s['halved']) for s in S)} ({sum(s['skipped'] for s in S)}) of {S[0]['steps']} |")
         for ext in ("png",):
             src = f"runs/{task}-{reward}-0/{task}.{ext}"
             if os.path.exists(src):
                 shutil.copy(src, f"results/{task}-{reward}.{ext}")
 rows.append("\nMedian [min, max] over the seeds. Each figure is taken after the inner SFT on a fresh batch of the "
-            "generator, untrained (left) and trained (right), at the same seed.")
+            "generator, untrained (left) and trained (right), at the same seed; each step's Phi is after SFT on its own samples.")
 try:  # an independent check that the QR image scans (optional: pip install opencv-python-headless)
     import cv2
     for reward in ("dpg", "naive"):
