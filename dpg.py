@@ -730,38 +730,36 @@ def reinforce_step(gen, opt, batch, advantages, temperature, clip, ref=None, kl=
     if kl:
         with torch.no_grad():
             ref_logp = token_logprobs(ref, batch, temperature)
-        # k3 = exp(d) - d - 1 >= 0 with d = log pi_ref - log pi per token (0 after EOS); on samples of pi,
-        # its gradient is that of KL(pi_ref || pi): -sum_x pi_ref(x) grad log pi(x)
-        d = ref_logp - logp
-        loss = loss + kl * (torch.exp(d) - d - 1).sum(1).mean()
+        # k3 with d = log pi_ref - log pi per token (0 after EOS); on samples of pi, its gradient is that
+        # of KL(pi_ref || pi): -sum_x pi_ref(x) grad log pi(x)
+        loss = loss + kl * k3(ref_logp - logp)
     opt.zero_grad()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(gen.parameters(), clip)
+    if not max_kl:
+        opt.step()
+        return loss.item(), None, 1.0
     params, lr = list(gen.parameters()), opt.param_groups[0]["lr"]
-    saved = ([p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())) if max_kl else None
-
-    def restore():  # undo a rejected step: the weights and AdamW's state as they were
-        with torch.no_grad():
-            for p, q in zip(params, saved[0]):
-                p.copy_(q)
-        opt.load_state_dict(saved[1])
-
-    for k in range(halvings + 1 if max_kl else 1):  # try lr, lr/2, ..., lr/2^halvings
-        if k:
-            restore()
+    saved = [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
+    for k in range(halvings + 1):  # try lr, lr/2, ..., lr/2^halvings
         opt.param_groups[0]["lr"] = lr / 2**k
         opt.step()
         opt.param_groups[0]["lr"] = lr
-        if not max_kl:
-            return loss.item(), None, 1.0
-        with torch.no_grad():  # d = log pi_new - log pi_old on the tokens drawn from pi_old (0 after EOS)
-            d = token_logprobs(gen, batch, temperature) - logp.detach()
-        # KL(pi_old || pi_new) = sum_tau E_{x~pi_old}[e^d - 1 - d] (k3 per token: unbiased, >= 0), per sequence
-        step_kl = (torch.exp(d) - 1 - d).sum(1).mean().item()
+        with torch.no_grad():  # KL(pi_old || pi_new), d = log pi_new - log pi_old on tokens drawn from pi_old
+            step_kl = k3(token_logprobs(gen, batch, temperature) - logp.detach()).item()
         if step_kl <= max_kl:
             return loss.item(), step_kl, 1 / 2**k
-    restore()  # nothing fits: skip this step
-    return loss.item(), 0.0, 0.0
+        with torch.no_grad():  # rejected: the weights and AdamW's state as they were
+            for p, q in zip(params, saved[0]):
+                p.copy_(q)
+        opt.load_state_dict(saved[1])
+    return loss.item(), 0.0, 0.0  # nothing fits: this step is skipped
+
+
+def k3(d):
+    """sum_tau (e^d - 1 - d) per sequence, mean over sequences; d (N, T) = log q - log p on tokens drawn from
+    p (0 after EOS). Each term is >= 0 and has expectation KL(p || q) at its position (Schulman's k3)."""
+    return (torch.exp(d) - 1 - d).sum(1).mean()
 
 
 def naive_rewards(loss_fn, params, n, group, phi, hp):

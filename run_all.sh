@@ -41,7 +41,7 @@ for task, key in measure.items():
             s = json.load(open(path))
             log = [json.loads(l) for l in open(os.path.join(os.path.dirname(path), "metrics.jsonl"))]
             tail = [r["phi"] for r in log[int(0.8 * len(log)):]]
-            s |= {"tail": st.median(tail), "halved": sum(0 < (r.get("lr_taken") or 1) < 1 for r in log),
+            s |= {"tail": st.median(tail), "halved": sum(0 < r.get("lr_taken", 1) < 1 for r in log),
                   "skipped": sum(r.get("lr_taken") == 0 for r in log)}
             runs.append((s, min(tail) > s["phi_before"]))
         if not runs:
