@@ -114,7 +114,6 @@ class Config:
     """print the oracle-data check (Phi after inner SFT on the intended data and on others) instead of training"""
 
 
-
 class BadInput(ValueError):
     """Input a person can fix (a task, a flag, a model path, a --phi): the command line prints it as one line."""
 
@@ -351,36 +350,15 @@ PATTERN_67 = ((1, 1, 1, 1, -1, -1, -1), (-1, -1, -1, 1, 1, 1, -1), (-1, 1, 1, 1,
               (-1, -1, -1, 1, 1, 1, -1), (-1, 1, -1, 1, 1, 1, -1), (-1, -1, -1, 1, 1, 1, 1))
 UUID = "5f0c2e8a-3b6d-4c1f-9e7a-2d8b4a6c0e13"
 # QR: a version-1 (21x21) code, level L, alphanumeric mode, of the paper's address; made once with a
-# QR library (not a dependency) and checked to decode with OpenCV. '#' = dark module (S = -1).
+# QR library (not a dependency) and checked to decode with OpenCV. One int per row, bit 20 = column 0, 1 = dark.
 QR_TEXT = "ARXIV.ORG/ABS/2604.08423"
-QR_CODE = (
-    "#######..#..#.#######",
-    "#.....#.###.#.#.....#",
-    "#.###.#...##..#.###.#",
-    "#.###.#.###...#.###.#",
-    "#.###.#..####.#.###.#",
-    "#.....#.##.##.#.....#",
-    "#######.#.#.#.#######",
-    ".........#..#........",
-    "#####.####.###.#.#.#.",
-    "#.#..#..#...#.#.#..#.",
-    ".##...###..#.#.#.#.##",
-    "###..#.#.##...#.#..#.",
-    "###.######.#.#####.##",
-    "........#...##..##.#.",
-    "#######.#####...##...",
-    "#.....#.....##.####..",
-    "#.###.#.###.##.##..##",
-    "#.###.#.##..###..##..",
-    "#.###.#.#.#.#..###...",
-    "#.....#.##..#..####.#",
-    "#######.###.####.....",
-)
+QR_ROWS = (0x1fc97f, 0x105d41, 0x17465d, 0x175c5d, 0x174f5d, 0x105b41, 0x1fd57f, 0x000900, 0x1f7baa, 0x149152, 0x0c72ab,
+           0x1cac52, 0x1dfafb, 0x00119a, 0x1fdf18, 0x1041bc, 0x175db3, 0x1759cc, 0x175538, 0x10593d, 0x1fdde0)
 
 
 def pattern(task):
     """S of the qr or 67 task as a float tensor (r, c): +1 light, -1 dark."""
-    rows = PATTERN_67 if task == "67" else [[-1 if c == "#" else 1 for c in row] for row in QR_CODE]
+    rows = PATTERN_67 if task == "67" else [[-1 if row >> (20 - j) & 1 else 1 for j in range(21)] for row in QR_ROWS]
     return torch.tensor(rows, dtype=torch.float32)
 
 
@@ -440,26 +418,17 @@ def language_of(text):
 
 
 def save_png(path, img, scale=10, quiet=4):
-    """Write a 2-D 0/1 (or bool) array, 1 = dark, as a black-on-white 8-bit grayscale PNG.
-
-    Each module becomes a scale x scale block; a `quiet`-module white border is added.
-    Pure zlib + struct; the file is written atomically (path + '.tmp', then os.replace).
-    """
+    """Write a 2-D 0/1 array (1 = dark) as a black-on-white 8-bit grayscale PNG, each module a scale x scale
+    block inside a `quiet`-module light border. Pure zlib + struct; atomic (path.tmp, then os.replace)."""
     rows = [[1 if bool(v) else 0 for v in row] for row in (img.tolist() if hasattr(img, "tolist") else img)]
     w = len(rows[0]) + 2 * quiet
-    pad = [[0] * w] * quiet                                   # quiet zone rows (light)
-    grid = pad + [[0] * quiet + r + [0] * quiet for r in rows] + pad
-    raw = b"".join(                                           # filter byte 0, then pixels (0 = black)
-        b"\x00" + bytes(0 if v else 255 for v in row for _ in range(scale))
-        for row in grid for _ in range(scale))
-
-    def chunk(tag, data):                                     # length, tag, data, CRC over tag+data
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
+    grid = [[0] * w] * quiet + [[0] * quiet + r + [0] * quiet for r in rows] + [[0] * w] * quiet
+    raw = b"".join(b"\x00" + bytes(0 if v else 255 for v in row for _ in range(scale))  # filter 0, then pixels
+                   for row in grid for _ in range(scale))
+    chunk = lambda tag, data: struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
     ihdr = struct.pack(">IIBBBBB", w * scale, len(grid) * scale, 8, 0, 0, 0, 0)  # 8-bit gray
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
     with open(path + ".tmp", "wb") as f:
-        f.write(png)
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
     os.replace(path + ".tmp", path)
 
 
@@ -692,11 +661,6 @@ def token_logprobs(gen, batch, temperature):
     return logp * batch["rmask"]
 
 
-def response_logprobs(gen, batch, temperature):
-    """log pi_theta(x_i) = the sum of its tokens' log-probs. Returns (N,)."""
-    return token_logprobs(gen, batch, temperature).sum(1)
-
-
 def group_advantages(r, group):
     """GRPO advantage A_i = (r_i - mean_group) / std_group, made scale-free: DPG rewards of real
     models are ~1e-9, so no absolute epsilon (verl's 1e-6 would swamp them); a group whose
@@ -720,10 +684,9 @@ def reinforce_step(gen, opt, batch, advantages, temperature, clip, ref=None, kl=
     rewards before it, and dropping those terms removes noise without bias. kl > 0 adds a KL penalty
     to the frozen initial generator `ref` (GRPO's k3 term), which keeps pi from dropping what ref writes.
 
-    max_kl > 0 is a trust region on the policy: gradient clipping bounds the gradient, not AdamW's step
-    (which is ~lr per weight whatever the gradient), and one ordinary-looking step has moved the policy's
-    log-probabilities of its own batch by 14 nats (results/NOTES.md). A step whose KL on the batch exceeds
-    max_kl is undone and retaken at half the lr, up to `halvings` times, else skipped."""
+    max_kl > 0 is a trust region: clipping bounds the gradient, not AdamW's step (~lr per weight whatever
+    the gradient; one such step moved log pi of its own batch by 14 nats, results/NOTES.md). A step whose
+    KL on the batch exceeds max_kl is undone and retaken at half the lr, up to `halvings` times, else skipped."""
     logp = token_logprobs(gen, batch, temperature)  # (N, Tr)
     A = advantages[:, None] if advantages.dim() == 1 else F.pad(advantages, (0, logp.shape[1]))[:, : logp.shape[1]]
     loss = -(A.detach() * logp).sum(1).mean()
@@ -945,20 +908,9 @@ def oracle_check(cfg):
     return rows
 
 
-# Per-task defaults for the tiny models, from measurements on seeds 0-2 (README, results/NOTES.md).
-# Inner loop: M = 4 AdamW steps, the paper's optimizer. One Adam step is nearly sign(g), whose
-# derivative says little; at lr 1e-4 (head tasks) Phi stays in softplus' linear range and the tiny
-# target's body barely moves, so the hand-built pattern data draws all pixels (at 1e-3 it does not);
-# lr 3e-3 (LM tasks) is where the intended data wins the oracle-data check by the widest margin; for
-# language, with M = 8 steps of 96-token examples: at M = 4 and 48 tokens the untrained generator's
-# soup gained 71-86 % of what held-out Spanish gains on seeds 0 and 2, at M = 8 and 96 tokens 47-61 %.
-# Generator: AdamW lr 3e-3 (at 1e-2 every weight moves ~10-50 % of its size per step, and noisy steps
-# drove the language runs into soup with Phi below the untrained generator's on all three seeds), with
-# per-token credit: on seeds 0-2 its medians beat one reward per example on every task, and it kept
-# Phi above the untrained generator's on every L2, uuid and language run (per example: one L2 and one
-# language seed fell below), though one 67 run fell off a late cliff (results/NOTES.md).
-# Head tasks start from an untrained generator (the pre-trained one never samples the patch's tokens
-# !"#$%&'...) with groups of G = 16; L2 writes exactly 8 tokens (L = 8).
+# Per-task defaults for the tiny models, each measured on seeds 0-2: README "The defaults, and why" and
+# results/NOTES.md give the runs. Head tasks start from an untrained generator (the pre-trained one never
+# samples the patch's tokens !"#$%&'...); L2 writes exactly 8 tokens.
 _HEAD = dict(pretrain_steps=0, kl=0.0, max_kl=1.0, credit="token", prompts=4, rollouts=16, max_new_tokens=32, min_new_tokens=0, seq_len=32, lr=3e-3,
              inner_opt="adam", inner_lr=1e-4, inner_steps=4)
 _LM = dict(pretrain_steps=300, kl=0.0, max_kl=1.0, credit="token", min_new_tokens=0, seq_len=48, lr=3e-3, inner_opt="adam", inner_lr=3e-3, inner_steps=4)
@@ -1011,13 +963,6 @@ def prompt_texts(tok, passages, step, P):
         return [tok.apply_chat_template([{"role": "user", "content": "Rephrase this passage:\n\n" + p}],
                                         add_generation_prompt=True, tokenize=False) for p in chosen]
     return ["Rephrase: " + p[:120] + "\n" for p in chosen]
-
-
-def write_json(path, obj):
-    """Atomic: a Ctrl-C never leaves half a file."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def get_task(cfg, task=None):
@@ -1160,7 +1105,9 @@ def run(cfg, task=None):
     gen.save_pretrained(os.path.join(out, "generator.tmp"))  # then swap, so a Ctrl-C leaves one whole copy
     shutil.rmtree(os.path.join(out, "generator"), ignore_errors=True)
     os.replace(os.path.join(out, "generator.tmp"), os.path.join(out, "generator"))
-    write_json(os.path.join(out, "summary.json"), summary | {"config": dataclasses.asdict(cfg)})
+    with open(os.path.join(out, "summary.json.tmp"), "w") as f:  # atomic: a Ctrl-C never leaves half a file
+        json.dump(summary | {"config": dataclasses.asdict(cfg)}, f, indent=1)
+    os.replace(os.path.join(out, "summary.json.tmp"), os.path.join(out, "summary.json"))
     print(json.dumps(summary))
     return summary
 

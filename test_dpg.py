@@ -545,7 +545,7 @@ def test_response_logprobs_are_the_samplers_own(min_new):
     logp = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1).gather(-1, resp[..., None])[..., 0]
     oracle = torch.where(batch["rmask"].bool(), logp, 0.0).sum(1)  # (N,)
     with torch.no_grad():
-        ours = dpg.response_logprobs(gen, batch, temp)
+        ours = dpg.token_logprobs(gen, batch, temp).sum(1)
     assert torch.allclose(ours, oracle, atol=1e-4), (ours, oracle)
     is_eos = resp == tok.eos_token_id
     assert not is_eos[:, :min_new].any() and is_eos.any()  # EOS was sampled, never before min_new
@@ -645,7 +645,7 @@ def test_readable_shows_bytes_that_are_not_utf8():
 
 def test_qr_literal_is_a_valid_version1_code():
     """Finder and timing patterns in place and the 15 format bits a valid BCH(15,5) codeword."""
-    M = [[c == "#" for c in row] for row in dpg.QR_CODE]
+    M = (dpg.pattern("qr") < 0).tolist()  # True = dark
     assert len(M) == 21 and all(len(r) == 21 for r in M)
     finder = [[max(abs(i - 3), abs(j - 3)) != 2 for j in range(7)] for i in range(7)]  # light ring at distance 2
     for r0, c0 in ((0, 0), (0, 14), (14, 0)):
