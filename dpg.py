@@ -11,6 +11,7 @@ REINFORCE with those rewards.
     python dpg.py --task 67 --reward naive     # the dataset-level baseline
     python dpg.py --bench                      # cost of exact rewards vs plain SFT
     python dpg.py --task 67 --generator smollm2 --target smollm2 --steps 1   # a real model, offline
+    torchrun --standalone --nproc-per-node 2 dpg.py --task uuid    # data parallel: rewards as in one process
     python -m pytest -q test_dpg.py            # gradients against finite differences & co.
 """
 import argparse
@@ -108,6 +109,8 @@ class Config:
     """output folder (default runs/<task>-<seed>, runs/<task>-naive-<seed> for naive)"""
     resume: bool = False
     """continue from out/checkpoint.pt"""
+    save_samples: bool = False
+    """also write every step's responses (target token ids, in prompt order) to out/samples.jsonl"""
     bench: bool = False
     """print the cost benchmark of exact rewards instead of training"""
     oracle: bool = False
@@ -143,7 +146,7 @@ class Inner:
     lr: float = 5e-6
     """constant learning rate"""
     micro_batch: int = 8
-    """B: examples per microbatch; the step gradient averages over it"""
+    """B: examples per microbatch (on each rank under torchrun); the step gradient averages over all R B"""
     grad_accum: int = 1
     """K: microbatches whose mean gradients are summed into one step"""
     optimizer: str = "adam"
@@ -160,8 +163,9 @@ class Inner:
 
 def microbatch_grad(loss_fn, w, eps, idx, hp, create_graph=False):
     """grad_w (1/B) sum_{j in idx} eps_j l_j(w): one microbatch's share of the step gradient. With
-    per-token losses (N, L) and weights eps (N, L) it is sum_tau eps_j,tau l_j,tau instead."""
-    loss = (eps[idx] * loss_fn(w, idx)).sum() / hp.micro_batch
+    per-token losses (N, L) and weights eps (N, L) it is sum_tau eps_j,tau l_j,tau instead. Under
+    torchrun the microbatch is R ranks x B examples, so each rank's share is divided by R B."""
+    loss = (eps[idx] * loss_fn(w, idx)).sum() / (hp.micro_batch * ranks())
     g = torch.autograd.grad(loss, list(w.values()), create_graph=create_graph, allow_unused=True)
     return [torch.zeros_like(p) if x is None else x for p, x in zip(w.values(), g)]
 
@@ -219,7 +223,10 @@ def inner_step_grad(loss_fn, w, eps, t, hp, create_graph=False):
     for idx in microbatches(t, hp):
         gk = microbatch_grad(loss_fn, w, eps, idx, hp, create_graph)
         g = gk if g is None else [a + b for a, b in zip(g, gk)]
-    return g
+    if ranks() > 1 and create_graph:
+        raise BadInput("under torchrun the inner loop cannot be unrolled (all_reduce has no double backward): "
+                       "use dpg_rewards(sweep=True) (--sweep)")
+    return all_sum(g)  # torchrun: g_t = sum over ranks r of g_t^(r), the same on every rank
 
 
 def inner_step(loss_fn, state, eps, t, hp, create_graph=False):
@@ -287,8 +294,10 @@ def dpg_rewards(loss_fn, params, n, phi, hp, sweep=False):
     r_i,tau = dPhi/d eps_i,tau, whose row sums are the r_i (chain rule: eps_i weights every token).
     This is the true derivative; the official code returns B times it (a per-microbatch VJP quirk).
     sweep=False differentiates the full unroll (fastest; memory grows with the M inner steps);
-    sweep=True gives the same numbers holding one microbatch's graph at a time (reverse_sweep).
+    sweep=True gives the same numbers holding one microbatch's graph at a time (reverse_sweep), and
+    is the only way under torchrun, where each rank passes its own examples and gets their rewards.
     """
+    sweep = sweep or ranks() > 1
     p0 = next(iter(params.values()))
     eps = torch.ones(n, dtype=p0.dtype, device=p0.device, requires_grad=True)
     with named_errors():
@@ -333,12 +342,14 @@ def reverse_sweep(loss_fn, params, eps, phi, hp, every=0):
         for t in reversed(range(a, min(a + k, M))):
             st, g = seg.pop()
             adjoint, adj_g = update_vjp(st, g, t, hp, adjoint)  # adjoints of (w_t, m_t, v_t) and g_t
-            w = leaf(st[0])
+            w, aw = leaf(st[0]), [torch.zeros_like(x) for x in st[0].values()]
             for idx in microbatches(t, hp):  # VJP of g_t = sum_k g_k(w_t, eps), one microbatch at a time
                 gk = microbatch_grad(loss_fn, w, eps, idx, hp, create_graph=True)
                 d = torch.autograd.grad(gk, list(w.values()) + [eps], adj_g, allow_unused=True)
-                adjoint[0].update({n: adjoint[0][n] + x for n, x in zip(w, d[:-1]) if x is not None})
-                r = r + (0 if d[-1] is None else d[-1])
+                aw = [a if x is None else a + x for a, x in zip(aw, d[:-1])]
+                r = r + (0 if d[-1] is None else d[-1])  # dPhi/deps_j of this rank's own examples j
+            # torchrun: g_t = sum_r g_t^(r), so  a_w_t += sum over ranks r of (dg_t^(r)/dw_t)^T a_g
+            adjoint[0].update({n: adjoint[0][n] + x for n, x in zip(w, all_sum(aw))})
         del ckpt[a]
     return value, r + torch.zeros_like(eps)
 
@@ -698,6 +709,8 @@ def reinforce_step(gen, opt, batch, advantages, temperature, clip, ref=None, kl=
         loss = loss + kl * k3(ref_logp - logp)
     opt.zero_grad()
     loss.backward()
+    # torchrun: J is the mean over all R ranks' sequences, so grad J = (1/R) sum_r grad J_r
+    all_sum([p.grad for p in gen.parameters() if p.grad is not None], 1 / ranks())
     torch.nn.utils.clip_grad_norm_(gen.parameters(), clip)
     if not max_kl:
         opt.step()
@@ -709,7 +722,7 @@ def reinforce_step(gen, opt, batch, advantages, temperature, clip, ref=None, kl=
         opt.step()
         opt.param_groups[0]["lr"] = lr
         with torch.no_grad():  # KL(pi_old || pi_new), d = log pi_new - log pi_old on tokens drawn from pi_old
-            step_kl = k3(token_logprobs(gen, batch, temperature) - logp.detach()).item()
+            step_kl = all_sum([k3(token_logprobs(gen, batch, temperature) - logp.detach())], 1 / ranks())[0].item()
         if step_kl <= max_kl:
             return loss.item(), step_kl, 1 / 2**k
         with torch.no_grad():  # rejected: the weights and AdamW's state as they were
@@ -1003,9 +1016,11 @@ def setup(cfg, task=None):
     if cfg.credit == "token" and ttok is not gtok:
         raise BadInput("--credit token pairs each target token with the generator token it came from: "
                          "use a target that shares the generator's tokenizer (--target as --generator)")
-    N = cfg.prompts * cfg.rollouts
+    if cfg.prompts % ranks():
+        raise BadInput(f"--prompts {cfg.prompts} does not split over {ranks()} torchrun ranks: use a multiple of {ranks()}")
+    N = cfg.prompts // ranks() * cfg.rollouts  # this rank's examples (all of them in one process)
     if not cfg.micro_batch and N % (cfg.inner_steps * cfg.grad_accum):
-        raise BadInput(f"N = prompts x rollouts = {N} examples do not split into M = {cfg.inner_steps} inner steps "
+        raise BadInput(f"N = prompts x rollouts / ranks = {N} examples do not split into M = {cfg.inner_steps} inner steps "
                        f"of K = {cfg.grad_accum} microbatches: change --prompts, --rollouts or --inner-steps")
     hp = Inner(lr=cfg.inner_lr, micro_batch=cfg.micro_batch or max(1, N // (cfg.inner_steps * cfg.grad_accum)),
                grad_accum=cfg.grad_accum, optimizer=cfg.inner_opt)
@@ -1015,11 +1030,12 @@ def setup(cfg, task=None):
 
 
 def rollout(cfg, s, step, seed):
-    """Sample this step's dataset and hand it to the target: (batch, loss_fn)."""
-    torch.manual_seed(seed)  # per-step seeding: a resumed run samples exactly what it would have
+    """Sample this step's dataset (this rank's prompts under torchrun) and hand it to the target: (batch, loss_fn)."""
+    rank, P = torch.distributed.get_rank() if ranks() > 1 else 0, cfg.prompts // ranks()
+    torch.manual_seed(seed * ranks() + rank)  # per-step seeding: a resumed run samples exactly what it would have
     with torch.autocast(s.dev.type, dtype=torch.bfloat16, enabled=cfg.sample_bf16):
-        batch = sample(s.gen, s.gtok, prompt_texts(s.gtok, s.passages, step, cfg.prompts), cfg.rollouts,
-                       cfg.max_new_tokens, cfg.temperature, cfg.min_new_tokens)
+        batch = sample(s.gen, s.gtok, prompt_texts(s.gtok, s.passages, step, cfg.prompts)[rank * P: (rank + 1) * P],
+                       cfg.rollouts, cfg.max_new_tokens, cfg.temperature, cfg.min_new_tokens)
     same = s.ttok is s.gtok  # the tiny default: hand the token ids over, losslessly
     return batch, target_loss_fn(s, batch["texts"], batch["tokens"] if same else None, cfg.credit == "token")
 
@@ -1034,19 +1050,20 @@ def target_loss_fn(s, texts, tokens=None, per_token=False):
 
 def run(cfg, task=None):
     """Train the generator with DPG (or the naive baseline) for `task` (default: --phi or --task);
-    write metrics, summary, PNG, model. Returns the summary."""
+    write metrics, summary, PNG, model. Returns the summary. Under torchrun, rank 0 prints and writes."""
     cfg, s = setup(cfg, task)
-    out = out_dir(cfg, s.task)
+    out, main_rank = out_dir(cfg, s.task), ranks() == 1 or torch.distributed.get_rank() == 0
     os.makedirs(out, exist_ok=True)
     gen, w0, N, G, hp = s.gen, s.w0, s.N, cfg.rollouts, s.hp
     opt = torch.optim.AdamW(gen.parameters(), lr=cfg.lr)
     ref = copy.deepcopy(gen).requires_grad_(False) if cfg.kl else None  # the initial generator
     shape = (N, cfg.seq_len) if cfg.credit == "token" else (N,)  # per-token or per-example rewards
+    say = print if main_rank else lambda *a, **k: None
 
     def evaluate(batch, loss_fn):
         w = inner_sft(loss_fn, w0, torch.ones(shape, device=s.dev), hp)
         with torch.no_grad():
-            return {"phi": s.phi(w).item(), **s.measure(w, batch["texts"]),
+            return {"phi": s.phi(w).item(), **s.measure(w, all_lists(batch["texts"])),
                     "samples": [readable(s.gtok, t)[:100] for t in batch["tokens"][:: max(1, N // 4)]]}, w  # 4 prompts
 
     start, elapsed, ckpt = 0, 0.0, os.path.join(out, "checkpoint.pt")
@@ -1058,14 +1075,16 @@ def run(cfg, task=None):
         start, elapsed, before = state["step"], state["seconds"], state["before"]
     else:
         before, _ = evaluate(*rollout(cfg, s, 0, eval_seed))
-    print(f"{task_name(cfg, s.task)} {cfg.reward}: N={N} examples/step, M={n_inner_steps(N, hp)} inner {hp.optimizer} step(s) "
-          f"at lr {hp.lr}; before: " + progress(before))
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    if start:  # keep the rows up to the checkpoint (atomically), then append
-        with open(metrics_path + ".tmp", "w") as f:
-            f.writelines(open(metrics_path).readlines()[:start])
-        os.replace(metrics_path + ".tmp", metrics_path)
-    with open(metrics_path, "a" if start else "w") as log:
+    say(f"{task_name(cfg, s.task)} {cfg.reward}: N={N * ranks()} examples/step, M={n_inner_steps(N, hp)} inner {hp.optimizer} "
+        f"step(s) at lr {hp.lr}" + (f", {ranks()} ranks" if ranks() > 1 else "") + "; before: " + progress(before))
+    logs = [os.path.join(out, f) for f in ("metrics.jsonl",) + (("samples.jsonl",) if cfg.save_samples else ())]
+    for path in logs if start and main_rank else []:  # keep the rows up to the checkpoint (atomically), then append
+        with open(path + ".tmp", "w") as f:
+            f.writelines(open(path).readlines()[:start])
+        os.replace(path + ".tmp", path)
+    mode = "a" if start else "w"
+    with open(logs[0] if main_rank else os.devnull, mode) as log, \
+            open(logs[-1] if main_rank and cfg.save_samples else os.devnull, mode) as data:
         for step in range(start, cfg.steps):
             t0 = time.time()
             batch, loss_fn = rollout(cfg, s, step, cfg.seed * 1_000_003 + step)
@@ -1076,24 +1095,30 @@ def run(cfg, task=None):
                 r = naive_rewards(loss_fn, w0, N, G, s.phi, hp)
                 value, adv = r.mean(), group_advantages(r, N)  # one baseline over the whole batch
             _, step_kl, lr_taken = reinforce_step(gen, opt, batch, adv.to(s.dev), cfg.temperature, cfg.clip, ref, cfg.kl, cfg.max_kl)
-            row = {"step": step, "phi": value.item(), "reward_std": r.std().item(), "seconds": time.time() - t0,
-                   "policy_kl": step_kl, "lr_taken": lr_taken,
-                   "response_tokens": batch["rmask"].sum(1).float().mean().item()}  # watch for collapse to EOS
+            r_all, n_tok = all_lists(r.tolist()), all_sum([batch["rmask"].sum(1).float().mean()], 1 / ranks())[0]
+            row = {"step": step, "phi": value.item(), "reward_std": torch.tensor(r_all).std().item(), "seconds": time.time() - t0,
+                   "policy_kl": step_kl, "lr_taken": lr_taken, "response_tokens": n_tok.item()}  # watch for collapse to EOS
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
                 row |= evaluate(batch, loss_fn)[0] | {"phi": value.item()}
                 row["samples"] = row["samples"][:2]
             elapsed += row["seconds"]
             log.write(json.dumps(row) + "\n")
             log.flush()
-            print(progress(row), flush=True)
-            torch.save({"generator": gen.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
-                        "seconds": elapsed, "before": before}, ckpt + ".tmp")
-            os.replace(ckpt + ".tmp", ckpt)
+            if cfg.save_samples:  # every response, in prompt order over the ranks (rank 0's prompts first)
+                data.write(json.dumps({"step": step, "tokens": all_lists(batch["tokens"])}) + "\n")
+                data.flush()
+            say(progress(row), flush=True)
+            if main_rank:
+                torch.save({"generator": gen.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
+                            "seconds": elapsed, "before": before}, ckpt + ".tmp")
+                os.replace(ckpt + ".tmp", ckpt)
     after, w = evaluate(*rollout(cfg, s, 0, eval_seed))
     summary = {"task": task_name(cfg, s.task), "reward": cfg.reward, "seed": cfg.seed, "steps": cfg.steps, "seconds": round(elapsed, 1),
                "phi_before": before["phi"], "phi_after": after["phi"]}
     summary |= {f"{k}_before": v for k, v in before.items() if k != "phi"}
     summary |= {f"{k}_after": v for k, v in after.items() if k != "phi"}
+    if not main_rank:
+        return summary
     builtin = s.task is TASKS.get(cfg.task)  # their extras: the target before SFT, the UUID, the picture
     if builtin:
         summary |= {f"{k}_target_init": v for k, v in s.measure(w0, []).items() if k in ("lm_head_norm", "uuid_logprob", "last_word_loss")}
@@ -1129,8 +1154,8 @@ def uuid_in_greedy(gen, tok, passages, cfg):
 def resolve(cfg, task=None):
     """Fill the task's defaults into the fields left at None."""
     task = get_task(cfg, task)
-    if cfg.reward not in ("dpg", "naive"):
-        raise BadInput(f"unknown --reward {cfg.reward!r}: choose dpg or naive")
+    if cfg.reward not in ("dpg", "naive") or (cfg.reward == "naive" and ranks() > 1):
+        raise BadInput(f"--reward {cfg.reward!r}: choose dpg, or naive in one process (not under torchrun)")
     if cfg.preset not in ("", "paper"):
         raise BadInput(f"unknown --preset {cfg.preset!r}: the only preset is 'paper'")
     if cfg.preset == "paper":
@@ -1150,6 +1175,38 @@ def resolve(cfg, task=None):
     if cfg.credit not in ("example", "token") or (cfg.credit == "token" and cfg.reward != "dpg"):
         raise BadInput(f"--credit {cfg.credit!r}: choose example, or token with --reward dpg")
     return cfg
+
+
+# ----------------------------------------------------------------------------- torchrun (a thin layer)
+# `torchrun --nproc-per-node R dpg.py ...`: rank r samples prompts [r P/R, (r+1) P/R) (whole GRPO groups)
+# and trains on its own examples; the sums below make every inner step, Phi, each reward and the generator
+# step those of one process holding all R shards. Without torchrun, ranks() is 1 and nothing communicates.
+
+
+def ranks():
+    """R, the number of torchrun processes; 1 (and no torch.distributed call) without a process group."""
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def all_sum(xs, scale=1.0):
+    """x <- scale * sum over ranks of x, in place, for each tensor x in the list xs; returns xs."""
+    if ranks() > 1 and xs:  # one all_reduce for the whole list: the tiny models' tensors are latency-bound
+        flat = torch.cat([x.reshape(-1) for x in xs])
+        torch.distributed.all_reduce(flat)
+        for x, y in zip(xs, flat.split([x.numel() for x in xs])):
+            x.copy_(y.view_as(x))
+    for x in xs if scale != 1.0 else []:
+        x.mul_(scale)
+    return xs
+
+
+def all_lists(xs):
+    """The ranks' lists, concatenated in rank order (one rank: xs itself)."""
+    if ranks() == 1:
+        return xs
+    out = [None] * ranks()
+    torch.distributed.all_gather_object(out, xs)
+    return [x for part in out for x in part]
 
 
 def benchmark(seq_len=64, micro_batch=8):
@@ -1207,15 +1264,26 @@ def main(argv=None):
             typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
             p.add_argument(flag, type=typ, default=f.default)
     cfg = Config(**vars(p.parse_args(argv)))
+    R = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+    if R > 1 and not torch.distributed.is_initialized():
+        if cfg.device == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.distributed.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
     try:
+        if R > 1 and (cfg.bench or cfg.oracle):
+            raise BadInput("--bench and --oracle run in one process: start them with python, not torchrun")
         return benchmark() if cfg.bench else oracle_check(cfg) if cfg.oracle else run(cfg)
     except (BadInput, FileNotFoundError) as e:  # input a person can fix: one line, as argparse does
         p.exit(2, f"{p.prog}: error: {e}\n")
     except KeyboardInterrupt:
         ckpt = os.path.join(out_dir(cfg, get_task(cfg)), "checkpoint.pt")
-        again = " ".join(map(shlex.quote, ["python", sys.argv[0]] + (sys.argv[1:] if argv is None else argv)))
+        launcher = ["torchrun", f"--nproc-per-node={R}"] if R > 1 else ["python"]
+        again = " ".join(map(shlex.quote, launcher + [sys.argv[0]] + (sys.argv[1:] if argv is None else argv)))
         p.exit(130, f"{p.prog}: interrupted; " + (f"the checkpoint is {ckpt}; resume with: {again} --resume\n"
                                                   if os.path.exists(ckpt) else "no checkpoint was written yet\n"))
+    finally:
+        if R > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

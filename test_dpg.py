@@ -908,3 +908,100 @@ def test_readme_example_runs_and_raises_its_phi(tmp_path):
     summary = json.load(open(tmp_path / "runs" / "likes_tea-0" / "summary.json"))
     print(f"\nREADME example: Phi {summary['phi_before']:.3f} -> {summary['phi_after']:.3f}")
     assert summary["phi_after"] > summary["phi_before"] + 0.2
+
+
+# ----------------------------------------------------------------------------- torchrun: R ranks = one process
+
+
+def two_rank_worker(rank, init_file, out, opt, every):
+    """One of 2 gloo ranks: the first / second half of the 16 examples, B = 2 of them per microbatch."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    _, params, loss_fn, phi = setup("llama", 16, seed=3)
+    mine = torch.arange(8 * rank, 8 * rank + 8)
+    local = lambda w, idx: loss_fn(w, mine[idx])
+    hp = dpg.Inner(lr=3e-2, micro_batch=2, grad_accum=2, optimizer=opt)  # M = 8 / (2 x 2) = 2 steps
+    eps = torch.ones(8, dtype=torch.float64, requires_grad=True)
+    value, r = dpg.reverse_sweep(local, params, eps, phi, hp, every=every) if every else dpg.dpg_rewards(local, params, 8, phi, hp)
+    w = dpg.inner_sft(local, params, torch.ones(8, dtype=torch.float64), hp)
+    torch.save({"value": value.detach(), "r": r, "w": w}, os.path.join(out, f"{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("opt,every", [("adam", 0), ("adam", 1), ("sgd", 0)])
+def test_two_ranks_give_the_one_process_rewards(tmp_path, opt, every):
+    """2 gloo ranks, each with its 8 of 16 examples, against dpg_rewards in one process on all 16 ordered
+    so that each global microbatch of 4 is rank 0's 2 then rank 1's 2 (M = 2 steps, K = 2): Phi, the
+    trained weights and every reward to 1e-10 in float64. every = 1 also checkpoints every inner state."""
+    torch.multiprocessing.spawn(two_rank_worker, args=(str(tmp_path / "init"), str(tmp_path), opt, every), nprocs=2)
+    ranks = [torch.load(tmp_path / f"{k}.pt") for k in range(2)]
+    _, params, loss_fn, phi = setup("llama", 16, seed=3)
+    order = torch.tensor([8 * k + j for m in range(4) for k in range(2) for j in (2 * m, 2 * m + 1)])
+    hp = dpg.Inner(lr=3e-2, micro_batch=4, grad_accum=2, optimizer=opt)
+    value, r = dpg.dpg_rewards(lambda w, idx: loss_fn(w, order[idx]), params, 16, phi, hp)
+    w = dpg.inner_sft(lambda w, idx: loss_fn(w, order[idx]), params, torch.ones(16, dtype=torch.float64), hp)
+    r_ranks = torch.cat([x["r"] for x in ranks])[order]  # back to the one-process order
+    for x in ranks:
+        assert abs(x["value"].item() - value.item()) <= 1e-10 * abs(value.item())
+        assert max(rel_err(x["w"][n], w[n]) for n in w) <= 1e-10
+    assert rel_err(r_ranks, r) <= 1e-10 and r.abs().max() > 0
+
+
+def test_torchrun_cli_resumes_and_logs_the_one_process_phi(tmp_path):
+    """torchrun --nproc-per-node 2 (gloo): 2 steps, stop, --resume to 3. One set of outputs (rank 0's);
+    each step's logged Phi equals Phi after a one-process inner SFT on the same step's samples
+    (samples.jsonl, in prompt order: rank 0's 2 prompts, then rank 1's)."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           os.path.join(HERE, "dpg.py"), "--task", "67", "--prompts", "4", "--rollouts", "2", "--log-every", "1",
+           "--save-samples", "--out", str(out)]
+    for extra in (["--steps", "2"], ["--steps", "3", "--resume"]):
+        proc = subprocess.run(cmd + extra, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('"phi_after"') == 1  # rank 0 alone prints (and writes) the summary
+    assert sorted(os.listdir(out)) == ["67.png", "checkpoint.pt", "generator", "metrics.jsonl", "samples.jsonl", "summary.json"]
+    rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    data = [json.loads(l) for l in open(out / "samples.jsonl")]
+    assert [r["step"] for r in rows] == [d["step"] for d in data] == [0, 1, 2]
+    cfg, s = dpg.setup(dpg.Config(task="67", prompts=4, rollouts=2))  # one process: N = 8, B = 2, M = 4
+    order = [4 * k + t for t in range(4) for k in range(2)]  # inner step t: rank 0's example t, then rank 1's
+    assert s.hp.micro_batch == 2
+    for row, d in zip(rows, data):
+        loss_fn = dpg.target_loss_fn(s, None, [d["tokens"][i] for i in order])
+        phi = s.phi(dpg.inner_sft(loss_fn, s.w0, torch.ones(8), s.hp)).item()
+        assert abs(row["phi"] - phi) <= 1e-6 * abs(phi), (row["step"], row["phi"], phi)
+
+
+def two_rank_generator_worker(rank, init_file, out):
+    """One of 2 gloo ranks: one REINFORCE step with the trust region on this rank's 2 prompts x 2 rollouts."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    gen, tok = dpg.tiny_lm("gpt2", 257, 32, 2, seed=0), dpg.byte_tokenizer()
+    torch.manual_seed(rank)
+    batch = dpg.sample(gen, tok, [f"prompt {2 * rank + p}:" for p in range(2)], 2, 8, 1.0, min_new_tokens=8)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5]) * (1 + rank)
+    opt = torch.optim.AdamW(gen.parameters(), lr=0.05)
+    _, kl, taken = dpg.reinforce_step(gen, opt, batch, adv, 1.0, 1e9, max_kl=0.5)  # no clipping: see the gradient
+    torch.save({"batch": batch, "adv": adv, "w": gen.state_dict(), "g": [p.grad for p in gen.parameters()], "kl": kl,
+                "taken": taken}, os.path.join(out, f"g{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_take_the_one_process_generator_step(tmp_path):
+    """The generator step of 2 ranks (gradients averaged, the trust region's KL averaged) equals
+    reinforce_step in one process on both ranks' batches at once: the same gradient (float32 sums in
+    another order: 1e-5) and the same halving, so the same weights to 1% of the step (AdamW's first step,
+    lr g / (|g| + eps), turns the 1e-5 into up to 0.3% where |g| is near eps)."""
+    torch.multiprocessing.spawn(two_rank_generator_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"g{k}.pt", weights_only=False) for k in range(2)]
+    b0, b1 = ranks[0]["batch"], ranks[1]["batch"]
+    both = dict(b0) | {k: torch.cat([b0[k], b1[k]]) for k in ("ids", "attn", "rmask")}  # same prompt length, no EOS
+    gen = dpg.tiny_lm("gpt2", 257, 32, 2, seed=0)
+    opt = torch.optim.AdamW(gen.parameters(), lr=0.05)
+    w0 = {n: p.clone() for n, p in gen.state_dict().items()}
+    _, kl, taken = dpg.reinforce_step(gen, opt, both, torch.cat([ranks[0]["adv"], ranks[1]["adv"]]), 1.0, 1e9, max_kl=0.5)
+    assert taken < 1 and all(x["taken"] == taken and abs(x["kl"] - kl) <= 1e-5 for x in ranks)  # one halving decision
+    step = max((p - w0[n]).abs().max().item() for n, p in gen.state_dict().items())
+    for x in ranks:
+        assert max(rel_err(a, p.grad) for a, p in zip(x["g"], gen.parameters())) <= 1e-5
+        assert max((x["w"][n] - p).abs().max().item() for n, p in gen.state_dict().items()) <= 1e-2 * step
