@@ -1272,7 +1272,10 @@ def main(argv=None):
     try:
         if R > 1 and (cfg.bench or cfg.oracle):
             raise BadInput("--bench and --oracle run in one process: start them with python, not torchrun")
-        return benchmark() if cfg.bench else oracle_check(cfg) if cfg.oracle else run(cfg)
+        result = benchmark() if cfg.bench else oracle_check(cfg) if cfg.oracle else run(cfg)
+        if R > 1:  # rank 0 may still be writing: no rank tears the process group down before it is done
+            torch.distributed.barrier()
+        return result
     except (BadInput, FileNotFoundError) as e:  # input a person can fix: one line, as argparse does
         p.exit(2, f"{p.prog}: error: {e}\n")
     except KeyboardInterrupt:

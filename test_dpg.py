@@ -877,7 +877,8 @@ def test_ctrl_c_names_the_checkpoint_and_the_resume_command(tmp_path):
     import signal
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "dpg.py"), "--task", "l2", "--steps", "500", "--prompts",
-                             "2", "--rollouts", "4", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "2", "--rollouts", "4", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not an inherited SIG_IGN
     for line in proc.stdout:
         if line.startswith("step=2 "):
             break
