@@ -219,13 +219,13 @@ def update_vjp(state, g, t, hp, adjoint):
 
 def inner_step_grad(loss_fn, w, eps, t, hp, create_graph=False):
     """g_t = grad_w sum_k (1/B) sum_{j in microbatch k} eps_j l_j(w_t): microbatch means, summed over K."""
+    if ranks() > 1 and create_graph:
+        raise BadInput("under torchrun the inner loop cannot be unrolled (all_reduce has no double backward): "
+                       "use dpg_rewards(sweep=True) (--sweep)")
     g = None
     for idx in microbatches(t, hp):
         gk = microbatch_grad(loss_fn, w, eps, idx, hp, create_graph)
         g = gk if g is None else [a + b for a, b in zip(g, gk)]
-    if ranks() > 1 and create_graph:
-        raise BadInput("under torchrun the inner loop cannot be unrolled (all_reduce has no double backward): "
-                       "use dpg_rewards(sweep=True) (--sweep)")
     return all_sum(g)  # torchrun: g_t = sum over ranks r of g_t^(r), the same on every rank
 
 
@@ -1031,10 +1031,10 @@ def setup(cfg, task=None):
 
 def rollout(cfg, s, step, seed):
     """Sample this step's dataset (this rank's prompts under torchrun) and hand it to the target: (batch, loss_fn)."""
-    rank, P = torch.distributed.get_rank() if ranks() > 1 else 0, cfg.prompts // ranks()
-    torch.manual_seed(seed * ranks() + rank)  # per-step seeding: a resumed run samples exactly what it would have
+    P = cfg.prompts // ranks()
+    torch.manual_seed(seed * ranks() + rank())  # per-step seeding: a resumed run samples exactly what it would have
     with torch.autocast(s.dev.type, dtype=torch.bfloat16, enabled=cfg.sample_bf16):
-        batch = sample(s.gen, s.gtok, prompt_texts(s.gtok, s.passages, step, cfg.prompts)[rank * P: (rank + 1) * P],
+        batch = sample(s.gen, s.gtok, prompt_texts(s.gtok, s.passages, step, cfg.prompts)[rank() * P: (rank() + 1) * P],
                        cfg.rollouts, cfg.max_new_tokens, cfg.temperature, cfg.min_new_tokens)
     same = s.ttok is s.gtok  # the tiny default: hand the token ids over, losslessly
     return batch, target_loss_fn(s, batch["texts"], batch["tokens"] if same else None, cfg.credit == "token")
@@ -1052,7 +1052,7 @@ def run(cfg, task=None):
     """Train the generator with DPG (or the naive baseline) for `task` (default: --phi or --task);
     write metrics, summary, PNG, model. Returns the summary. Under torchrun, rank 0 prints and writes."""
     cfg, s = setup(cfg, task)
-    out, main_rank = out_dir(cfg, s.task), ranks() == 1 or torch.distributed.get_rank() == 0
+    out, main_rank = out_dir(cfg, s.task), rank() == 0
     os.makedirs(out, exist_ok=True)
     gen, w0, N, G, hp = s.gen, s.w0, s.N, cfg.rollouts, s.hp
     opt = torch.optim.AdamW(gen.parameters(), lr=cfg.lr)
@@ -1184,8 +1184,13 @@ def resolve(cfg, task=None):
 
 
 def ranks():
-    """R, the number of torchrun processes; 1 (and no torch.distributed call) without a process group."""
+    """R, the number of torchrun processes; 1 (and no collective anywhere) without a process group."""
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def rank():
+    """r, this process's rank: 0 without a process group."""
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def all_sum(xs, scale=1.0):
