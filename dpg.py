@@ -70,13 +70,15 @@ class Config:
     max_kl: float = None
     """trust region: a step with KL(pi_old || pi_new) > max_kl nats/sequence on its batch is retaken at lr/2 (0 = off)"""
     credit: str = None
-    """token: a reward per target token, reward-to-go (shared tokenizer only); example: one per example, as the paper"""
+    """token: a reward per target token, reward-to-go (shared tokenizer); label: also every other token's there (M = 1); example: as the paper"""
     inner_opt: str = None
     """inner optimizer, adam or sgd (None: the task's default)"""
     inner_lr: float = None
     """inner learning rate (None: the task's default)"""
     inner_steps: int = None
     """M inner optimizer steps over the N examples (None: the task's default)"""
+    inner_eps: float = None
+    """Adam eps of the inner loop, outside the square root (None: the task's default)"""
     micro_batch: int = 0
     """B; 0 = N / (M K)"""
     grad_accum: int = 1
@@ -352,6 +354,35 @@ def reverse_sweep(loss_fn, params, eps, phi, hp, every=0):
             adjoint[0].update({n: adjoint[0][n] + x for n, x in zip(w, all_sum(aw))})
         del ckpt[a]
     return value, r + torch.zeros_like(eps)
+
+
+def label_rewards(model, params, ids, mask, phi, hp):
+    """One inner step (M = 1): the reward of every label y the vocabulary has, at every position tau of every
+    example j, written after the context that example has there: r_j,tau(y) = dPhi/d eps for a loss term
+    eps (1/L) CE(y | x_j,<tau) added to the step. Returns (Phi(A(D)), r) with r (N, L, V); at y = x_j,tau
+    it is the per-token reward of dpg_rewards. Each label is one more term in the step gradient g:
+      dg/d eps = (1/(B L)) J^T (p - e_y),  J = dlogits_tau/dw,  so  r(y) = (1/(B L)) (<u, p> - u_y),  u = J a,
+    with a = dPhi/dg from the update's VJP. u, the logits' derivative along a, is one double backward."""
+    if n_inner_steps(ids.shape[0], hp) != 1:
+        raise BadInput("--credit label computes the rewards of one inner step: use --inner-steps 1")
+    leaf = lambda d: {n: x.detach().requires_grad_(True) for n, x in d.items()}
+    L, w, p0 = ids.shape[1] - 1, leaf(params), next(iter(params.values()))
+    loss_fn = lambda w, idx: token_losses(model, w, ids[idx], mask[idx])
+    g = [x.detach() for x in inner_step_grad(loss_fn, w, torch.ones(ids.shape[0], L, dtype=p0.dtype, device=p0.device), 0, hp)]
+    zeros = {n: torch.zeros_like(x) for n, x in w.items()}
+    state = ({n: x.detach() for n, x in params.items()}, zeros, zeros)
+    w1 = leaf(update(state, g, 0, hp)[0])
+    value = phi(w1)
+    aw = torch.autograd.grad(value, list(w1.values()), allow_unused=True)
+    aw = {n: torch.zeros_like(x) if a is None else a for (n, x), a in zip(w1.items(), aw)}
+    _, a = update_vjp(state, g, 0, hp, (aw, zeros, zeros))  # a = dPhi/dg
+    logits = functional_call(model, w, (ids,), {"attention_mask": mask}).logits[:, :-1]  # (N, L, V)
+    v = torch.zeros_like(logits, requires_grad=True)  # J^T v is linear in v, so d<J^T v, a>/dv = J a
+    Jv = torch.autograd.grad((logits * v).sum(), list(w.values()), create_graph=True, allow_unused=True)
+    u = torch.autograd.grad(sum((x * y).sum() for x, y in zip(Jv, a) if x is not None), v)[0]  # (N, L, V)
+    # r(y) = (1/(B L)) (<u, p> - u_y)
+    r = ((u * logits.softmax(-1)).sum(-1, keepdim=True) - u).detach() / (hp.micro_batch * ranks() * L)
+    return value.detach(), check_rewards(r, hp)
 
 
 # ----------------------------------------------------------------------------- the five metrics Phi
@@ -654,9 +685,9 @@ def sample(gen, tok, prompts, rollouts, max_new_tokens, temperature, min_new_tok
                 min_new_tokens=min_new_tokens, eos=tok.eos_token_id)
 
 
-def token_logprobs(gen, batch, temperature):
+def token_logprobs(gen, batch, temperature, full=False):
     """log pi_theta(x_i,tau | x_i,<tau) of each response token, log-softmax(logits / temperature),
-    0 after the first EOS. Returns (N, Tr)."""
+    0 after the first EOS. Returns (N, Tr); full=True also returns log pi(y | x_i,<tau) of every y, (N, Tr, V)."""
     ids, attn, n, G = batch["ids"], batch["attn"], batch["n_prompt"], batch["rollouts"]
     pos = (attn.cumsum(1) - 1).clamp(min=0)  # left padding: positions count real tokens only
     # each prompt once (rows p*G .. p*G+G-1 share it), its KV cache repeated for its G responses
@@ -668,39 +699,54 @@ def token_logprobs(gen, batch, temperature):
         logits = torch.cat([logits, tail.logits], 1)
     logits = logits.float() / temperature  # (N, Tr, V)
     logits[:, : batch["min_new_tokens"], batch["eos"]] = -float("inf")  # as sampled: no EOS yet
-    logp = torch.log_softmax(logits, -1).gather(-1, ids[:, n:, None])[..., 0]  # (N, Tr)
-    return logp * batch["rmask"]
+    logps = torch.log_softmax(logits, -1)  # (N, Tr, V)
+    logp = logps.gather(-1, ids[:, n:, None])[..., 0] * batch["rmask"]  # (N, Tr)
+    return (logp, logps) if full else logp
 
 
-def group_advantages(r, group):
+def group_advantages(r, group, labels=None):
     """GRPO advantage A_i = (r_i - mean_group) / std_group, made scale-free: DPG rewards of real
     models are ~1e-9, so no absolute epsilon (verl's 1e-6 would swamp them); a group whose
     rewards are all equal (to 1e-6 of the largest) gets A = 0.
 
     Per-token rewards r (N, L) give per-token advantages from the reward-to-go
-    R_i,tau = sum_{tau' >= tau} r_i,tau', centred at each position, scaled by the std of the totals R_i,0."""
+    R_i,tau = sum_{tau' >= tau} r_i,tau', centred at each position, scaled by the std of the totals R_i,0.
+    With the rewards of every label, labels (N, L, V) (--credit label), the written token's advantage is
+    the reward-to-go from tau+1 on, and Q = the labels' rewards centred over y carries the token's own reward,
+    every y's, over their std in the batch: unlike a group's std, it does not vanish when the rollouts agree."""
     R = r.flip(-1).cumsum(-1).flip(-1) if r.dim() == 2 else r[:, None]
     R = R.view(-1, group, R.shape[-1])  # (P, G, L)
     std = R[..., :1].std(1, keepdim=True) if group > 1 else torch.zeros_like(R[:, :1, :1])
-    ok = std > 1e-6 * R.abs().max()
-    return torch.where(ok, (R - R.mean(1, keepdim=True)) / torch.where(ok, std, 1.0), 0.0).view(r.shape)
+    scale = torch.where(std > 1e-6 * R.abs().max(), std, torch.inf)  # a flat group: A = 0
+    if labels is None:
+        return ((R - R.mean(1, keepdim=True)) / scale).view(r.shape)
+    R, Q = R - r.view_as(R), labels - labels.mean(-1, keepdim=True)  # from tau+1 on; centred over y
+    return ((R - R.mean(1, keepdim=True)) / scale).view(r.shape), Q / torch.where(Q.std() > 0, Q.std(), torch.inf)
 
 
-def reinforce_step(gen, opt, batch, advantages, temperature, clip, ref=None, kl=0.0, max_kl=0.0, halvings=6):
+def reinforce_step(gen, opt, batch, advantages, temperature, clip, ref=None, kl=0.0, max_kl=0.0, halvings=6, Q=None):
     """grad J ~= sum_i A_i grad log pi_theta(x_i): one AdamW step on -mean_i A_i log pi(x_i).
     Returns (loss, KL(pi_old || pi_new) per sequence on the batch, the fraction of the lr taken).
 
     Per-token advantages (N, L) weight each token's score instead (reward-to-go): to first order in
     the inner lr, r_i,tau depends on x_i,<=tau only, so the score of token tau is independent of the
-    rewards before it, and dropping those terms removes noise without bias. kl > 0 adds a KL penalty
+    rewards before it, and dropping those terms removes noise without bias. Q (N, L, V), the rewards of
+    every label (--credit label), takes the place of the written token's own reward, in logit space: each
+    logit z_tau,y moves along Q_tau(y) - mean_y Q_tau, whatever pi(y). The policy gradient would move it by
+    pi(y) (Q_tau(y) - E_pi Q_tau), which vanishes for a token the policy has all but dropped, however good
+    it is there (README "Drawing 67"). kl > 0 adds a KL penalty
     to the frozen initial generator `ref` (GRPO's k3 term), which keeps pi from dropping what ref writes.
 
     max_kl > 0 is a trust region: clipping bounds the gradient, not AdamW's step (~lr per weight whatever
     the gradient; one such step moved log pi of its own batch by 14 nats, results/NOTES.md). A step whose
     KL on the batch exceeds max_kl is undone and retaken at half the lr, up to `halvings` times, else skipped."""
-    logp = token_logprobs(gen, batch, temperature)  # (N, Tr)
+    logp, logps = token_logprobs(gen, batch, temperature, full=True) if Q is not None else (token_logprobs(gen, batch, temperature), None)
     A = advantages[:, None] if advantages.dim() == 1 else F.pad(advantages, (0, logp.shape[1]))[:, : logp.shape[1]]
     loss = -(A.detach() * logp).sum(1).mean()
+    if Q is not None:  # every label's reward, written or not
+        Q = F.pad(Q, (0, 0, 0, logp.shape[1]))[:, : logp.shape[1]]
+        # d loss / d z_tau,y = -(Q_tau(y) - mean_y' Q_tau(y')) / N: the tabular natural gradient of a softmax policy
+        loss = loss - ((logps * (Q - Q.mean(-1, keepdim=True)).detach()).sum(-1) * batch["rmask"]).sum(1).mean()
     if kl:
         with torch.no_grad():
             ref_logp = token_logprobs(ref, batch, temperature)
@@ -804,7 +850,7 @@ def pattern_task(name, steps):
                            f"(hidden, vocab): use a target with hidden >= {S.shape[0]} and vocabulary >= {S.shape[1]}")
         return pattern_phi(lm_head(w), W0, S)
     return Task(phi, lambda w, texts, ctx: {"pixel_accuracy": pixel_accuracy(lm_head(w), lm_head(ctx.w0), pattern(name))},
-                _HEAD | dict(steps=steps), head=True)
+                _PATTERN | dict(steps=steps), head=True)
 
 
 def uuid_phi(w, ctx):
@@ -867,7 +913,7 @@ def pattern_data(target, S, n, length, bos, steps=1):
                 h = target.base_model(cands.repeat(len(rows))[:, None], past_key_values=cache).last_hidden_state
             h = h[:, -1, :r].reshape(len(rows), len(cands), r)  # (rows, C, r)
             # a capped margin: every sign right beats a large margin on a few
-            score = torch.clamp(S[:, v].T[:, None] * (A[:, col].T[:, None] + h), max=h.abs().mean()).sum(-1)
+            score = torch.clamp(S[:, v].T[:, None] * (A[:, col].T[:, None] + h), max=4 * h.abs().mean()).sum(-1)
             best = score.argmax(1)
             A.index_add_(1, col, h[torch.arange(len(rows)), best].T)
             pair[rows] = torch.stack([cands[best], v], 1)
@@ -925,10 +971,14 @@ def oracle_check(cfg):
 # results/NOTES.md give the runs. Head tasks start from an untrained generator (the pre-trained one never
 # samples the patch's tokens !"#$%&'...); L2 writes exactly 8 tokens.
 _HEAD = dict(pretrain_steps=0, kl=0.0, max_kl=1.0, credit="token", prompts=4, rollouts=16, max_new_tokens=32, min_new_tokens=0, seq_len=32, lr=3e-3,
-             inner_opt="adam", inner_lr=1e-4, inner_steps=4)
-_LM = dict(pretrain_steps=300, kl=0.0, max_kl=1.0, credit="token", min_new_tokens=0, seq_len=48, lr=3e-3, inner_opt="adam", inner_lr=3e-3, inner_steps=4)
+             inner_opt="adam", inner_lr=1e-4, inner_steps=4, inner_eps=1e-8)
+_LM = dict(pretrain_steps=300, kl=0.0, max_kl=1.0, credit="token", min_new_tokens=0, seq_len=48, lr=3e-3, inner_opt="adam", inner_lr=3e-3,
+           inner_steps=4, inner_eps=1e-8)
+# 67 / QR: one inner step whose Adam eps is near the patch's |g| (~1e-3), so that each pixel's step is a soft
+# sign of its gradient; every label's reward, in logit space; a slower generator (README "Drawing 67 and the QR code")
+_PATTERN = _HEAD | dict(credit="label", inner_steps=1, inner_eps=1e-3, lr=1e-3)
 TASKS = {
-    "67": pattern_task("67", steps=400),
+    "67": pattern_task("67", steps=300),
     "qr": pattern_task("qr", steps=800),
     "l2": Task(lambda w, ctx: l2_phi(lm_head(w)), lambda w, texts, ctx: {"lm_head_norm": lm_head(w).norm().item()},
                _HEAD | dict(steps=300, max_new_tokens=8, min_new_tokens=8, seq_len=8), head=True),
@@ -1013,8 +1063,8 @@ def setup(cfg, task=None):
     gen, target = gen.to(dev), target.to(dev)
     w0 = {n: p.detach() for n, p in target.named_parameters()}
     phi, measure = make_task(cfg, target, ttok, w0, task)
-    if cfg.credit == "token" and ttok is not gtok:
-        raise BadInput("--credit token pairs each target token with the generator token it came from: "
+    if cfg.credit != "example" and ttok is not gtok:
+        raise BadInput(f"--credit {cfg.credit} pairs each target token with the generator token it came from: "
                          "use a target that shares the generator's tokenizer (--target as --generator)")
     if cfg.prompts % ranks():
         raise BadInput(f"--prompts {cfg.prompts} does not split over {ranks()} torchrun ranks: use a multiple of {ranks()}")
@@ -1023,7 +1073,7 @@ def setup(cfg, task=None):
         raise BadInput(f"N = prompts x rollouts / ranks = {N} examples do not split into M = {cfg.inner_steps} inner steps "
                        f"of K = {cfg.grad_accum} microbatches: change --prompts, --rollouts or --inner-steps")
     hp = Inner(lr=cfg.inner_lr, micro_batch=cfg.micro_batch or max(1, N // (cfg.inner_steps * cfg.grad_accum)),
-               grad_accum=cfg.grad_accum, optimizer=cfg.inner_opt)
+               grad_accum=cfg.grad_accum, optimizer=cfg.inner_opt, eps=cfg.inner_eps)
     n_inner_steps(N, hp)
     return cfg, SimpleNamespace(task=task, gen=gen, gtok=gtok, target=target, ttok=ttok, dev=dev, w0=w0, phi=phi,
                                 measure=measure, N=N, L=cfg.seq_len, hp=hp, passages=read_passages("en", cfg.data))
@@ -1088,13 +1138,20 @@ def run(cfg, task=None):
         for step in range(start, cfg.steps):
             t0 = time.time()
             batch, loss_fn = rollout(cfg, s, step, cfg.seed * 1_000_003 + step)
-            if cfg.reward == "dpg":
+            Q = None
+            if cfg.credit == "label":  # every label's reward at every position (one inner step)
+                ids, mask = (x.to(s.dev) for x in encode_for_target(s.ttok, None, s.L, batch["tokens"]))
+                value, Q = label_rewards(s.target, w0, ids, mask, s.phi, hp)
+                Q[..., s.gtok.eos_token_id] = 0  # writing EOS adds no label
+                r = Q.gather(-1, ids[:, 1:, None])[..., 0] * mask[:, 1:]
+                (adv, Q), r = group_advantages(r, G, Q), r.sum(1)
+            elif cfg.reward == "dpg":
                 value, r = dpg_rewards(loss_fn, w0, shape, s.phi, hp, sweep=cfg.sweep)
                 adv, r = group_advantages(r, G), r.view(N, -1).sum(1)
             else:
                 r = naive_rewards(loss_fn, w0, N, G, s.phi, hp)
                 value, adv = r.mean(), group_advantages(r, N)  # one baseline over the whole batch
-            _, step_kl, lr_taken = reinforce_step(gen, opt, batch, adv.to(s.dev), cfg.temperature, cfg.clip, ref, cfg.kl, cfg.max_kl)
+            _, step_kl, lr_taken = reinforce_step(gen, opt, batch, adv.to(s.dev), cfg.temperature, cfg.clip, ref, cfg.kl, cfg.max_kl, Q=Q)
             r_all, n_tok = all_lists(r.tolist()), all_sum([batch["rmask"].sum(1).float().mean()], 1 / ranks())[0]
             row = {"step": step, "phi": value.item(), "reward_std": torch.tensor(r_all).std().item(), "seconds": time.time() - t0,
                    "policy_kl": step_kl, "lr_taken": lr_taken, "response_tokens": n_tok.item()}  # watch for collapse to EOS
@@ -1164,7 +1221,7 @@ def resolve(cfg, task=None):
     defaults = TASKS["uuid"].defaults | (task.defaults or {})  # a partial dict keeps the rest of uuid's
     if cfg.target != "tiny":  # real targets: the paper's Adam inner loop (lr 5e-6 GPT-2, 1e-6 Llama-1B)
         lm_task = not task.head
-        defaults |= dict(inner_opt="adam", inner_lr=1e-6 if lm_task else 5e-6, lr=1e-6 if lm_task else 5e-6, inner_steps=1,
+        defaults |= dict(inner_opt="adam", inner_lr=1e-6 if lm_task else 5e-6, lr=1e-6 if lm_task else 5e-6, inner_steps=1, inner_eps=1e-8,
                          max_new_tokens=max(32, defaults["max_new_tokens"]), min_new_tokens=0, seq_len=64)
     if cfg.generator != "tiny":  # measured on the tiny generator only; it keeps a copy of a real one's weights and AdamW state
         defaults["max_kl"] = 0.0
@@ -1172,8 +1229,8 @@ def resolve(cfg, task=None):
     if cfg.reward == "naive" or cfg.target != "tiny" or cfg.generator != "tiny":
         defaults["credit"] = "example"  # one Phi per dataset; or tokenizers that may differ: the paper's credit
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
-    if cfg.credit not in ("example", "token") or (cfg.credit == "token" and cfg.reward != "dpg"):
-        raise BadInput(f"--credit {cfg.credit!r}: choose example, or token with --reward dpg")
+    if cfg.credit not in ("example", "token", "label") or (cfg.credit != "example" and cfg.reward != "dpg"):
+        raise BadInput(f"--credit {cfg.credit!r}: choose example, or token or label with --reward dpg")
     return cfg
 
 

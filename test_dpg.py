@@ -150,6 +150,33 @@ def test_token_rewards_sum_to_example_rewards_and_match_finite_differences(opt, 
     assert err <= 1e-5
 
 
+@pytest.mark.parametrize("opt,lr", [("adam", 3e-2), ("sgd", 0.5)])
+def test_label_rewards_are_token_rewards_and_match_finite_differences(opt, lr):
+    """--credit label (one inner step): r_j,tau(y) for every label y. At the written label y = x_j,tau it
+    is the per-token reward of dpg_rewards; for a label that was not written, float64 central differences
+    of Phi after the step with one more loss term eps (1/L) CE(y | x_j,<tau) / B, at eps = 0."""
+    n = 4  # B=2, K=2 -> M=1
+    model, params, _, phi = setup("llama", n, seed=4)
+    ids, mask = toy_data(n, seed=4)
+    tok_fn = lambda w, idx: dpg.token_losses(model, w, ids[idx], mask[idx])
+    hp = dpg.Inner(lr=lr, micro_batch=2, grad_accum=2, optimizer=opt)
+    L = ids.shape[1] - 1
+    value, r = dpg.label_rewards(model, params, ids, mask, phi, hp)
+    v_tok, r_tok = dpg.dpg_rewards(tok_fn, params, (n, L), phi, hp)
+    assert r.shape == (n, L, V) and abs(value - v_tok) <= 1e-12
+    assert rel_err(r.gather(-1, ids[:, 1:, None])[..., 0] * mask[:, 1:], r_tok) <= 1e-10
+    for j, t, y in [(0, 1, 5), (1, 0, 2), (3, 3, 11), (2, 4, 7)]:  # (2, 4): after example 2's last token
+        def phi_with(e):  # one more term e (1/L) CE(y | ids[j, :t+1]) in example j's share of the step
+            def fn(w, idx):
+                extra = e * F.cross_entropy(dpg.functional_call(model, w, (ids[j:j + 1, : t + 1],)).logits[:, -1],
+                                            torch.tensor([y])) / L
+                return tok_fn(w, idx).sum(1) + extra * (idx == j)
+            return phi(dpg.inner_sft(fn, params, torch.ones(n, dtype=torch.float64), hp)).item()
+        h = 1e-6
+        fd = (phi_with(h) - phi_with(-h)) / (2 * h)
+        assert abs(r[j, t, y].item() - fd) <= 1e-5 * r.abs().max().item(), (j, t, y, r[j, t, y].item(), fd)
+
+
 def test_token_advantages_are_centred_reward_to_go():
     """Per-token advantages by hand: R_i,tau = sum_{tau' >= tau} r_i,tau', minus the group's mean R at
     the same position, over the std of the group's totals R_i,0."""
@@ -160,6 +187,15 @@ def test_token_advantages_are_centred_reward_to_go():
     expected[2:] = (R[2:] - R[2:].mean(0)) / std[2:, None]
     assert torch.allclose(dpg.group_advantages(r, 2), expected)
     assert torch.allclose(dpg.group_advantages(r * 1e-9, 2), expected, atol=1e-6)  # scale-free
+    # --credit label: the written token's advantage is the reward-to-go from tau+1 on; every label's own
+    # reward, centred over the labels, goes to Q, over its std in the batch
+    labels = torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(0))
+    F_, expected = R - r, torch.zeros(4, 3)
+    expected[2:] = (F_[2:] - F_[2:].mean(0)) / std[2:, None]
+    Qc = labels - labels.mean(-1, keepdim=True)
+    for scale in (1.0, 1e-9):
+        A, Q = dpg.group_advantages(r * scale, 2, labels * scale)
+        assert torch.allclose(A, expected, atol=1e-6) and torch.allclose(Q, Qc / Qc.std(), atol=1e-6)
 
 
 @pytest.mark.parametrize("opt", ["adam", "sgd"])
@@ -223,12 +259,13 @@ def test_sgd_one_step_closed_form():
     assert rel_err(r, oracle) <= 1e-8
 
 
-def test_adam_one_step_closed_form():
+@pytest.mark.parametrize("eps", [1e-8, 1e-3])  # the official eps, and one near |g| (--inner-eps, README)
+def test_adam_one_step_closed_form(eps):
     # first Adam step: u = g/(s+eps) + wd w0 with s = sqrt(g^2 + eps_root), so
     # du/dg = (eps_root/s + eps)/(s + eps)^2 and r_j = -lr < grad Phi(w_1), du/dg * grad l_j(w_0) / B >
     n, lr, eps_root = 6, 1e-2, 1e-6  # eps_root large enough that du/dg is not negligible
     _, params, loss_fn, phi = setup("llama", n)
-    hp = dpg.Inner(lr=lr, micro_batch=n, optimizer="adam", eps_root=eps_root)
+    hp = dpg.Inner(lr=lr, micro_batch=n, optimizer="adam", eps_root=eps_root, eps=eps)
     _, r = dpg.dpg_rewards(loss_fn, params, n, phi, hp)
     w1 = dpg.inner_sft(loss_fn, params, torch.ones(n, dtype=torch.float64), hp)
     G = per_example_grads(loss_fn, params, n)  # (n, P)
@@ -550,6 +587,29 @@ def test_response_logprobs_are_the_samplers_own(min_new):
     is_eos = resp == tok.eos_token_id
     assert not is_eos[:, :min_new].any() and is_eos.any()  # EOS was sampled, never before min_new
     assert (batch["rmask"].sum(1) < T).any()  # some responses ended early and were cut after EOS
+
+
+def test_label_credit_moves_each_logit_by_its_labels_reward():
+    """--credit label: with every label's reward Q (N, L, V) and no other advantage, the loss gradient on the
+    generator's logit of label y at response position tau is -(Q_tau(y) - mean_y Q_tau) / (N T) up to EOS,
+    0 after it (T the temperature), whatever pi(y): read off the logits HF's head returns, by hook."""
+    tok, T, temp = dpg.byte_tokenizer(), 6, 0.7
+    gen = dpg.tiny_lm("gpt2", len(tok), 16, 1, seed=5, tie=False)
+    with torch.no_grad():  # EOS likely, so that the mask after EOS matters
+        gen.transformer.ln_f.bias[0] = 3.0
+        gen.lm_head.weight[tok.eos_token_id].zero_()[0] = 1.0
+    torch.manual_seed(1)
+    batch = dpg.sample(gen, tok, ["Rephrase: a b", "Rephrase: the long river"], 1, T, temp)  # G = 1
+    N, V = batch["rmask"].shape[0], len(tok)
+    Q = torch.randn(N, T + 2, V, generator=torch.Generator().manual_seed(0), dtype=torch.float64)  # L > T: cut
+    seen = []
+    hook = gen.lm_head.register_forward_hook(lambda m, i, out: seen.append(out) or out.retain_grad())
+    opt = torch.optim.SGD(gen.parameters(), lr=0.0)
+    dpg.reinforce_step(gen, opt, batch, torch.zeros(N), temp, clip=1e9, Q=Q)
+    hook.remove()
+    grad = torch.cat([seen[0].grad[:, -1:], seen[1].grad], 1)  # the first response token's logits, then the rest
+    expected = -(Q - Q.mean(-1, keepdim=True))[:, : batch["rmask"].shape[1]].float() / (N * temp) * batch["rmask"][..., None]
+    assert (batch["rmask"] == 0).any() and torch.allclose(grad, expected, atol=1e-6)
 
 
 def test_trust_region_takes_the_largest_halved_step_within_max_kl():
@@ -948,14 +1008,16 @@ def test_two_ranks_give_the_one_process_rewards(tmp_path, opt, every):
     assert rel_err(r_ranks, r) <= 1e-10 and r.abs().max() > 0
 
 
-def test_torchrun_cli_resumes_and_logs_the_one_process_phi(tmp_path):
+@pytest.mark.parametrize("M,credit", [(4, "token"), (1, "label")])
+def test_torchrun_cli_resumes_and_logs_the_one_process_phi(tmp_path, M, credit):
     """torchrun --nproc-per-node 2 (gloo): 2 steps, stop, --resume to 3. One set of outputs (rank 0's);
     each step's logged Phi equals Phi after a one-process inner SFT on the same step's samples
-    (samples.jsonl, in prompt order: rank 0's 2 prompts, then rank 1's)."""
+    (samples.jsonl, in prompt order: rank 0's 2 prompts, then rank 1's). M = 1 with --credit label
+    (the 67 default): the logged Phi is label_rewards' own."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            os.path.join(HERE, "dpg.py"), "--task", "67", "--prompts", "4", "--rollouts", "2", "--log-every", "1",
-           "--save-samples", "--out", str(out)]
+           "--inner-steps", str(M), "--credit", credit, "--save-samples", "--out", str(out)]
     for extra in (["--steps", "2"], ["--steps", "3", "--resume"]):
         proc = subprocess.run(cmd + extra, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -964,9 +1026,9 @@ def test_torchrun_cli_resumes_and_logs_the_one_process_phi(tmp_path):
     rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
     data = [json.loads(l) for l in open(out / "samples.jsonl")]
     assert [r["step"] for r in rows] == [d["step"] for d in data] == [0, 1, 2]
-    cfg, s = dpg.setup(dpg.Config(task="67", prompts=4, rollouts=2))  # one process: N = 8, B = 2, M = 4
+    cfg, s = dpg.setup(dpg.Config(task="67", prompts=4, rollouts=2, inner_steps=M))  # one process: N = 8, B = 8 / M
     order = [4 * k + t for t in range(4) for k in range(2)]  # inner step t: rank 0's example t, then rank 1's
-    assert s.hp.micro_batch == 2
+    assert s.hp.micro_batch == 8 // M
     for row, d in zip(rows, data):
         loss_fn = dpg.target_loss_fn(s, None, [d["tokens"][i] for i in order])
         phi = s.phi(dpg.inner_sft(loss_fn, s.w0, torch.ones(8), s.hp)).item()
