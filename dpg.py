@@ -307,6 +307,17 @@ def dpg_rewards(loss_fn, params, n, phi, hp, sweep=False):
     return value.detach(), check_rewards(r, hp)
 
 
+def leaf(d):
+    """The tensors of d as new leaves of the autograd graph: detached, requiring grad."""
+    return {n: x.detach().requires_grad_(True) for n, x in d.items()}
+
+
+def grad_dict(value, w):
+    """d value / d w as a dict like w (zeros where value does not depend on a tensor)."""
+    g = torch.autograd.grad(value, list(w.values()), allow_unused=True)
+    return {n: torch.zeros_like(x) if a is None else a for (n, x), a in zip(w.items(), g)}
+
+
 def unroll(loss_fn, params, eps, phi, hp):
     """dPhi/deps through the full unrolled inner loop (one graph for all M steps)."""
     value = phi(inner_sft(loss_fn, params, eps, hp, create_graph=True))
@@ -321,7 +332,6 @@ def reverse_sweep(loss_fn, params, eps, phi, hp, every=0):
     microbatch's double-backward graph; time: the unroll's, plus recomputing all but the last segment."""
     e, M = eps.detach(), n_inner_steps(eps.shape[0], hp)
     k = every or math.ceil(math.sqrt(M))
-    leaf = lambda d: {n: x.detach().requires_grad_(True) for n, x in d.items()}
 
     def walk(s, t0, t1):  # plain steps t0 .. t1-1 from s_t0: (s_t1, [(s_t, g_t) for each step])
         seg = []
@@ -337,8 +347,7 @@ def reverse_sweep(loss_fn, params, eps, phi, hp, every=0):
         s, seg = walk(s, a, min(a + k, M))  # the last segment's states stay for the walk back
     w = leaf(s[0])
     value = phi(w)
-    aw = torch.autograd.grad(value, list(w.values()), allow_unused=True)
-    adjoint, r = ({n: torch.zeros_like(x) if a is None else a for (n, x), a in zip(w.items(), aw)}, zeros, zeros), 0
+    adjoint, r = (grad_dict(value, w), zeros, zeros), 0
     for a in reversed(starts):
         seg = seg if a == starts[-1] else walk(ckpt[a], a, min(a + k, M))[1]
         for t in reversed(range(a, min(a + k, M))):
@@ -365,7 +374,6 @@ def label_rewards(model, params, ids, mask, phi, hp):
     with a = dPhi/dg from the update's VJP. u, the logits' derivative along a, is one double backward."""
     if n_inner_steps(ids.shape[0], hp) != 1:
         raise BadInput("--credit label computes the rewards of one inner step: use --inner-steps 1")
-    leaf = lambda d: {n: x.detach().requires_grad_(True) for n, x in d.items()}
     L, w, p0 = ids.shape[1] - 1, leaf(params), next(iter(params.values()))
     loss_fn = lambda w, idx: token_losses(model, w, ids[idx], mask[idx])
     g = [x.detach() for x in inner_step_grad(loss_fn, w, torch.ones(ids.shape[0], L, dtype=p0.dtype, device=p0.device), 0, hp)]
@@ -373,9 +381,7 @@ def label_rewards(model, params, ids, mask, phi, hp):
     state = ({n: x.detach() for n, x in params.items()}, zeros, zeros)
     w1 = leaf(update(state, g, 0, hp)[0])
     value = phi(w1)
-    aw = torch.autograd.grad(value, list(w1.values()), allow_unused=True)
-    aw = {n: torch.zeros_like(x) if a is None else a for (n, x), a in zip(w1.items(), aw)}
-    _, a = update_vjp(state, g, 0, hp, (aw, zeros, zeros))  # a = dPhi/dg
+    _, a = update_vjp(state, g, 0, hp, (grad_dict(value, w1), zeros, zeros))  # a = dPhi/dg
     logits = functional_call(model, w, (ids,), {"attention_mask": mask}).logits[:, :-1]  # (N, L, V)
     v = torch.zeros_like(logits, requires_grad=True)  # J^T v is linear in v, so d<J^T v, a>/dv = J a
     Jv = torch.autograd.grad((logits * v).sum(), list(w.values()), create_graph=True, allow_unused=True)
@@ -1141,7 +1147,8 @@ def run(cfg, task=None):
             Q = None
             if cfg.credit == "label":  # every label's reward at every position (one inner step)
                 ids, mask = (x.to(s.dev) for x in encode_for_target(s.ttok, None, s.L, batch["tokens"]))
-                value, Q = label_rewards(s.target, w0, ids, mask, s.phi, hp)
+                with named_errors():
+                    value, Q = label_rewards(s.target, w0, ids, mask, s.phi, hp)
                 Q[..., s.gtok.eos_token_id] = 0  # writing EOS adds no label
                 r = Q.gather(-1, ids[:, 1:, None])[..., 0] * mask[:, 1:]
                 (adv, Q), r = group_advantages(r, G, Q), r.sum(1)
