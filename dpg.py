@@ -70,7 +70,7 @@ class Config:
     max_kl: float = None
     """trust region: a step with KL(pi_old || pi_new) > max_kl nats/sequence on its batch is retaken at lr/2 (0 = off)"""
     credit: str = None
-    """token: a reward per target token, reward-to-go (shared tokenizer); label: also every other token's there (M = 1); example: as the paper"""
+    """token: a reward per target token, reward-to-go (shared tokenizer); label: every token's that could stand there (M = 1); example: the paper's"""
     inner_opt: str = None
     """inner optimizer, adam or sgd (None: the task's default)"""
     inner_lr: float = None
