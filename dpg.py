@@ -1238,6 +1238,8 @@ def resolve(cfg, task=None):
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
     if cfg.credit not in ("example", "token", "label") or (cfg.credit != "example" and cfg.reward != "dpg"):
         raise BadInput(f"--credit {cfg.credit!r}: choose example, or token or label with --reward dpg")
+    if cfg.credit == "label" and cfg.inner_steps != 1:  # before any work: label_rewards refuses it too
+        raise BadInput(f"--credit label computes the rewards of one inner step, not {cfg.inner_steps}: use --inner-steps 1 or --credit token")
     return cfg
 
 

@@ -917,6 +917,7 @@ def test_user_phi_equal_to_l2_gives_the_rewards_of_task_l2(tmp_path):
     (["--phi", "phis:vector"], "must return a finite scalar tensor; it returned a tensor of shape (64,)"),
     (["--phi", "phis:detached"], "does not depend on the weights"),
     (["--phi", "phis:one_arg"], "must take (w, ctx)"),
+    (["--task", "67", "--inner-steps", "4"], "--credit label computes the rewards of one inner step, not 4"),
 ])
 def test_bad_input_is_one_error_line_and_exit_2(tmp_path, args, message):
     """Input a person can fix ends with one line, as argparse reports its own errors, and exit status 2;
