@@ -1027,7 +1027,7 @@ def test_torchrun_cli_resumes_and_logs_the_one_process_phi(tmp_path, M, credit):
     rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
     data = [json.loads(l) for l in open(out / "samples.jsonl")]
     assert [r["step"] for r in rows] == [d["step"] for d in data] == [0, 1, 2]
-    cfg, s = dpg.setup(dpg.Config(task="67", prompts=4, rollouts=2, inner_steps=M))  # one process: N = 8, B = 8 / M
+    cfg, s = dpg.setup(dpg.Config(task="67", prompts=4, rollouts=2, inner_steps=M, credit=credit))  # one process: N = 8, B = 8 / M
     order = [4 * k + t for t in range(4) for k in range(2)]  # inner step t: rank 0's example t, then rank 1's
     assert s.hp.micro_batch == 8 // M
     for row, d in zip(rows, data):
