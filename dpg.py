@@ -70,7 +70,7 @@ class Config:
     max_kl: float = None
     """trust region: a step with KL(pi_old || pi_new) > max_kl nats/sequence on its batch is retaken at lr/2 (0 = off)"""
     credit: str = None
-    """token: a reward per target token, reward-to-go (shared tokenizer); label: every token's that could stand there (M = 1); example: the paper's"""
+    """token: a reward per target token, reward-to-go (shared tokenizer); label: every token's that could stand there; example: the paper's"""
     inner_opt: str = None
     """inner optimizer, adam or sgd (None: the task's default)"""
     inner_lr: float = None
@@ -294,6 +294,7 @@ def dpg_rewards(loss_fn, params, n, phi, hp, sweep=False):
     phi(w) -> scalar, higher is better. Returns (Phi(A(D)), r) with r of shape n: (N,) for
     per-example losses; n = (N, L) with a loss_fn of per-token losses gives the per-token rewards
     r_i,tau = dPhi/d eps_i,tau, whose row sums are the r_i (chain rule: eps_i weights every token).
+    n may also be the weights themselves, a tensor of loss_fn's shape (label_rewards' one-hot).
     This is the true derivative; the official code returns B times it (a per-microbatch VJP quirk).
     sweep=False differentiates the full unroll (fastest; memory grows with the M inner steps);
     sweep=True gives the same numbers holding one microbatch's graph at a time (reverse_sweep), and
@@ -301,7 +302,7 @@ def dpg_rewards(loss_fn, params, n, phi, hp, sweep=False):
     """
     sweep = sweep or ranks() > 1
     p0 = next(iter(params.values()))
-    eps = torch.ones(n, dtype=p0.dtype, device=p0.device, requires_grad=True)
+    eps = (n.clone() if torch.is_tensor(n) else torch.ones(n, dtype=p0.dtype, device=p0.device)).requires_grad_(True)
     with named_errors():
         value, r = (reverse_sweep if sweep else unroll)(loss_fn, params, eps, phi, hp)
     return value.detach(), check_rewards(r, hp)
@@ -365,30 +366,18 @@ def reverse_sweep(loss_fn, params, eps, phi, hp, every=0):
     return value, r + torch.zeros_like(eps)
 
 
-def label_rewards(model, params, ids, mask, phi, hp):
-    """One inner step (M = 1): the reward of every label y the vocabulary has, at every position tau of every
-    example j, written after the context that example has there: r_j,tau(y) = dPhi/d eps for a loss term
-    eps (1/L) CE(y | x_j,<tau) added to the step. Returns (Phi(A(D)), r) with r (N, L, V); at y = x_j,tau
-    it is the per-token reward of dpg_rewards. Each label is one more term in the step gradient g:
-      dg/d eps = (1/(B L)) J^T (p - e_y),  J = dlogits_tau/dw,  so  r(y) = (1/(B L)) (<u, p> - u_y),  u = J a,
-    with a = dPhi/dg from the update's VJP. u, the logits' derivative along a, is one double backward."""
-    if n_inner_steps(ids.shape[0], hp) != 1:
-        raise BadInput("--credit label computes the rewards of one inner step: use --inner-steps 1")
-    L, w, p0 = ids.shape[1] - 1, leaf(params), next(iter(params.values()))
-    loss_fn = lambda w, idx: token_losses(model, w, ids[idx], mask[idx])
-    g = [x.detach() for x in inner_step_grad(loss_fn, w, torch.ones(ids.shape[0], L, dtype=p0.dtype, device=p0.device), 0, hp)]
-    zeros = {n: torch.zeros_like(x) for n, x in w.items()}
-    state = ({n: x.detach() for n, x in params.items()}, zeros, zeros)
-    w1 = leaf(update(state, g, 0, hp)[0])
-    value = phi(w1)
-    _, a = update_vjp(state, g, 0, hp, (grad_dict(value, w1), zeros, zeros))  # a = dPhi/dg
-    logits = functional_call(model, w, (ids,), {"attention_mask": mask}).logits[:, :-1]  # (N, L, V)
-    v = torch.zeros_like(logits, requires_grad=True)  # J^T v is linear in v, so d<J^T v, a>/dv = J a
-    Jv = torch.autograd.grad((logits * v).sum(), list(w.values()), create_graph=True, allow_unused=True)
-    u = torch.autograd.grad(sum((x * y).sum() for x, y in zip(Jv, a) if x is not None), v)[0]  # (N, L, V)
-    # r(y) = (1/(B L)) (<u, p> - u_y)
-    r = ((u * logits.softmax(-1)).sum(-1, keepdim=True) - u).detach() / (hp.micro_batch * ranks() * L)
-    return value.detach(), check_rewards(r, hp)
+def label_rewards(model, params, ids, mask, phi, hp, sweep=False):
+    """The reward of every label y the vocabulary has, at every position tau of every example j, written
+    after the context that example has there: r_j,tau(y) = dPhi/d q_j,tau(y), where the example's loss term
+    at tau is (1/L) sum_y q(y) CE(y | x_j,<tau) and q is the one-hot of the written label. Returns
+    (Phi(A(D)), r) with r (N, L, V); at y = x_j,tau it is the per-token reward of dpg_rewards. Any M, either
+    mode: q is the loss weight eps of dpg_rewards with a vocabulary axis. With one inner step,
+      r(y) = (1/(B L)) (<u, p> - u_y),  u = J a:  J = dlogits_tau/dw,  a = dPhi/dg."""
+    L = ids.shape[1] - 1
+    loss_fn = lambda w, idx: -functional_call(model, w, (ids[idx],), {"attention_mask": mask[idx]}).logits[:, :-1].log_softmax(-1) / L
+    # q: the written labels (none after an example's end, where r(y) is the reward of writing one more token)
+    q = F.one_hot(ids[:, 1:], model.get_output_embeddings().weight.shape[0]) * mask[:, 1:, None]  # (N, L, V)
+    return dpg_rewards(loss_fn, params, q.to(next(iter(params.values())).dtype), phi, hp, sweep)
 
 
 # ----------------------------------------------------------------------------- the five metrics Phi
@@ -1145,10 +1134,10 @@ def run(cfg, task=None):
             t0 = time.time()
             batch, loss_fn = rollout(cfg, s, step, cfg.seed * 1_000_003 + step)
             Q = None
-            if cfg.credit == "label":  # every label's reward at every position (one inner step)
+            if cfg.credit == "label":  # every label's reward at every position
                 ids, mask = (x.to(s.dev) for x in encode_for_target(s.ttok, None, s.L, batch["tokens"]))
                 with named_errors():
-                    value, Q = label_rewards(s.target, w0, ids, mask, s.phi, hp)
+                    value, Q = label_rewards(s.target, w0, ids, mask, s.phi, hp, cfg.sweep)
                 Q[..., s.gtok.eos_token_id] = 0  # writing EOS adds no label
                 r = Q.gather(-1, ids[:, 1:, None])[..., 0] * mask[:, 1:]
                 (adv, Q), r = group_advantages(r, G, Q), r.sum(1)
@@ -1238,8 +1227,6 @@ def resolve(cfg, task=None):
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
     if cfg.credit not in ("example", "token", "label") or (cfg.credit != "example" and cfg.reward != "dpg"):
         raise BadInput(f"--credit {cfg.credit!r}: choose example, or token or label with --reward dpg")
-    if cfg.credit == "label" and cfg.inner_steps != 1:  # before any work: label_rewards refuses it too
-        raise BadInput(f"--credit label computes the rewards of one inner step, not {cfg.inner_steps}: use --inner-steps 1 or --credit token")
     return cfg
 
 
