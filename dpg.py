@@ -579,6 +579,21 @@ def pretrain(model, tok, texts, steps, seed, seq_len=64, batch=16, lr=3e-3, cach
     return model.eval()
 
 
+def generic_lines(n, seed):
+    """n lines of digits, hexadecimal identifiers, dates and punctuation for the tiny generator's pre-training,
+    so that it can write such text; random from `seed`, never a task's UUID (a test checks)."""
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda xs: xs[torch.randint(len(xs), (1,), generator=g).item()]
+    num = lambda a, b: torch.randint(a, b + 1, (1,), generator=g).item()
+    hexs = lambda k: "".join(pick("0123456789abcdef") for _ in range(k))
+    forms = (lambda: f"{pick(['id', 'ref', 'key', 'uuid'])}: {hexs(8)}-{hexs(4)}-{hexs(4)}-{hexs(4)}-{hexs(12)}",
+             lambda: f"{num(1900, 2099)}-{num(1, 12):02d}-{num(1, 28):02d}, {num(0, 23):02d}:{num(0, 59):02d}",
+             lambda: f"commit {hexs(7)} ({num(1, 99)} files; +{num(0, 9999)}/-{num(0, 9999)})",
+             lambda: f"#{num(1, 99999)}: {num(1, 99)} x {num(0, 999)}.{num(0, 99):02d} = {num(0, 99999)}.{num(0, 99):02d}!",
+             lambda: f"0x{hexs(num(2, 16))}, {num(-999, 999)}; {hexs(num(4, 40))}.")
+    return [pick(forms)() for _ in range(n)]
+
+
 def untie_head(model):
     """Give the LM head its own copy of the input embedding: a tied head cannot show a pattern."""
     model.get_output_embeddings().weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
@@ -848,6 +863,14 @@ def pattern_task(name, steps):
                 _PATTERN | dict(steps=steps), head=True)
 
 
+def uuid_shares(texts):
+    """How close the samples come to the UUID: the share that contain it, and the mean length of the longest
+    piece of it (characters) each contains."""
+    longest = [max((k for i in range(len(UUID)) for k in range(1, len(UUID) - i + 1) if UUID[i:i + k] in t), default=0)
+               for t in texts]
+    return {"uuid_share": sum(UUID in t for t in texts) / max(1, len(texts)), "uuid_longest_piece": sum(longest) / max(1, len(longest))}
+
+
 def uuid_phi(w, ctx):
     """UUID: Phi = -mean CE of the UUID given only BOS."""
     ids, mask = encode_for_target(ctx.tok, [UUID], len(ctx.tok(UUID, add_special_tokens=False)["input_ids"]))
@@ -953,12 +976,19 @@ def oracle_check(cfg):
     cfg, s = setup(cfg)
     print(f"{cfg.task}: N={s.N}, L={s.L}, M={n_inner_steps(s.N, s.hp)} inner {s.hp.optimizer} steps at lr {s.hp.lr}"
           "\n\n| data | Phi after inner SFT | success measure |\n|---|---|---|")
-    rows = {}
-    for name, toks in ({"no SFT (the target as it starts)": None} | oracle_data(cfg, s)).items():
+    rows, data = {}, oracle_data(cfg, s)
+    for name, toks in ({"no SFT (the target as it starts)": None} | data).items():
         w = s.w0 if toks is None else inner_sft(target_loss_fn(s, None, toks), s.w0, torch.ones(s.N, device=s.dev), s.hp)
         with torch.no_grad():
             rows[name] = {"phi": s.phi(w).item(), **s.measure(w, s.ttok.batch_decode(toks or []))}
         print(f"| {name} | {rows[name]['phi']:.6g} | " + ", ".join(f"{k} {v:.4g}" for k, v in rows[name].items() if k != "phi") + " |")
+    if len(s.ttok) <= 1024:  # is the intended data a local optimum? Every label's reward at its positions (tiny vocabularies)
+        ids, mask = (x.to(s.dev) for x in encode_for_target(s.ttok, None, s.L, next(iter(data.values()))))
+        _, r = label_rewards(s.target, s.w0, ids, mask, s.phi, s.hp)  # (N, L, V)
+        rank = (r > r.gather(-1, ids[:, 1:, None])).sum(-1)[mask[:, 1:].bool()]  # labels better than the written one
+        rows["written label best"], rows["written label median rank"] = (rank == 0).float().mean().item(), rank.median().item()
+        print(f"\nOn the intended data the written label has the highest reward of all {r.shape[-1]} at "
+              f"{rows['written label best']:.0%} of the positions (median rank {rank.median().item()}; 0 = best).")
     return rows
 
 
@@ -978,7 +1008,7 @@ TASKS = {
     "l2": Task(lambda w, ctx: l2_phi(lm_head(w)), lambda w, texts, ctx: {"lm_head_norm": lm_head(w).norm().item()},
                _HEAD | dict(steps=300, max_new_tokens=8, min_new_tokens=8, seq_len=8), head=True),
     "uuid": Task(uuid_phi, lambda w, texts, ctx: {"uuid_logprob": len(ctx.tok(UUID, add_special_tokens=False)["input_ids"])
-                                                  * uuid_phi(w, ctx).item()},
+                                                  * uuid_phi(w, ctx).item(), **uuid_shares(texts)},
                  _LM | dict(prompts=16, rollouts=4, steps=200, max_new_tokens=48)),
     "language": Task(language_phi, lambda w, texts, ctx: {
         "target_language_share": sum(language_of(t) == ctx.cfg.lang for t in texts) / max(1, len(texts)),
@@ -996,10 +1026,7 @@ def build_models(cfg, head=False):
     with the sign pattern some 67/QR columns need (README). A tied target head is untied."""
     tok = byte_tokenizer()
     if cfg.generator == "tiny":
-        other = [p for lang in ("es", "fr", "de", "it") if os.path.exists(os.path.join(HERE, "data", f"{lang}.txt"))
-                 for p in read_passages(lang)[PHI_PASSAGES:]]  # Phi's passages stay unseen
-        gen, gtok = pretrain(tiny_lm("gpt2", len(tok), 64, 2, cfg.seed), tok, read_passages("en") * 3 + other,
-                             cfg.pretrain_steps, cfg.seed), tok
+        gen, gtok = pretrain(tiny_lm("gpt2", len(tok), 64, 2, cfg.seed), tok, generator_texts(cfg.seed), cfg.pretrain_steps, cfg.seed), tok
     else:
         gen, gtok = load_model(cfg.generator)
     if cfg.target == "tiny":
@@ -1011,6 +1038,14 @@ def build_models(cfg, head=False):
     if head and "lm_head.weight" not in dict(target.named_parameters()):
         untie_head(target)
     return gen, gtok, target, ttok
+
+
+def generator_texts(seed):
+    """The tiny generator's pre-training text: English, Spanish, French, German and Italian passages (not Phi's),
+    digits, hexadecimal identifiers and dates. Nothing names an objective (a test checks)."""
+    other = [p for lang in ("es", "fr", "de", "it") if os.path.exists(os.path.join(HERE, "data", f"{lang}.txt"))
+             for p in read_passages(lang)[PHI_PASSAGES:]]  # Phi's passages stay unseen
+    return read_passages("en") * 3 + other + generic_lines(400, seed)
 
 
 def prompt_texts(tok, passages, step, P):
