@@ -349,19 +349,25 @@ def reverse_sweep(loss_fn, params, eps, phi, hp, every=0):
     w = leaf(s[0])
     value = phi(w)
     adjoint, r = (grad_dict(value, w), zeros, zeros), 0
+    s = w = None  # the last state is not needed on the walk back (on a real model: 3 copies of the weights)
     for a in reversed(starts):
         seg = seg if a == starts[-1] else walk(ckpt[a], a, min(a + k, M))[1]
         for t in reversed(range(a, min(a + k, M))):
             st, g = seg.pop()
             adjoint, adj_g = update_vjp(st, g, t, hp, adjoint)  # adjoints of (w_t, m_t, v_t) and g_t
-            w, aw = leaf(st[0]), [torch.zeros_like(x) for x in st[0].values()]
+            # g_t is recomputed below with its graph; w_0, m_0, v_0 are constants: at t = 0 only eps's gradient is left
+            g, adjoint, w = None, adjoint if t else None, leaf(st[0])
+            wrt = list(w.values()) if t else []
+            aw = [torch.zeros_like(x) for x in wrt]
             for idx in microbatches(t, hp):  # VJP of g_t = sum_k g_k(w_t, eps), one microbatch at a time
                 gk = microbatch_grad(loss_fn, w, eps, idx, hp, create_graph=True)
-                d = torch.autograd.grad(gk, list(w.values()) + [eps], adj_g, allow_unused=True)
-                aw = [a if x is None else a + x for a, x in zip(aw, d[:-1])]
+                d = torch.autograd.grad(gk, wrt + [eps], adj_g, allow_unused=True)
+                for acc, x in zip(aw, d[:-1]):
+                    acc.add_(0 if x is None else x)
                 r = r + (0 if d[-1] is None else d[-1])  # dPhi/deps_j of this rank's own examples j
             # torchrun: g_t = sum_r g_t^(r), so  a_w_t += sum over ranks r of (dg_t^(r)/dw_t)^T a_g
-            adjoint[0].update({n: adjoint[0][n] + x for n, x in zip(w, all_sum(aw))})
+            for acc, x in zip(adjoint[0].values() if t else [], all_sum(aw)):
+                acc.add_(x)
         del ckpt[a]
     return value, r + torch.zeros_like(eps)
 
