@@ -84,7 +84,7 @@ class Config:
     grad_accum: int = 1
     """K microbatches per inner step"""
     sweep: bool = False
-    """rewards by the reverse sweep: memory of one microbatch's graph instead of all M*K (slower)"""
+    """rewards by the reverse sweep: memory of one microbatch's graph instead of all M*K (on for real targets)"""
     seq_len: int = None
     """L: target tokens per example (responses are cut, padding counts in the 1/L; at least --max-new-tokens)"""
     lang: str = "es"
@@ -296,9 +296,10 @@ def dpg_rewards(loss_fn, params, n, phi, hp, sweep=False):
     r_i,tau = dPhi/d eps_i,tau, whose row sums are the r_i (chain rule: eps_i weights every token).
     n may also be the weights themselves, a tensor of loss_fn's shape (label_rewards' one-hot).
     This is the true derivative; the official code returns B times it (a per-microbatch VJP quirk).
-    sweep=False differentiates the full unroll (fastest; memory grows with the M inner steps);
-    sweep=True gives the same numbers holding one microbatch's graph at a time (reverse_sweep), and
-    is the only way under torchrun, where each rank passes its own examples and gets their rewards.
+    sweep=False differentiates the full unroll (fastest on small models; memory grows with the M inner steps);
+    sweep=True gives the same numbers holding one microbatch's graph at a time (reverse_sweep): use it for
+    real models (SmolLM2-135M: 1.8x plain SFT's memory, the unroll 3.0x, README "Benchmark"). It is the only
+    way under torchrun, where each rank passes its own examples and gets their rewards.
     """
     sweep = sweep or ranks() > 1
     p0 = next(iter(params.values()))
@@ -1267,7 +1268,7 @@ def resolve(cfg, task=None):
     defaults["seq_len"] = max(defaults["seq_len"], cfg.max_new_tokens or 0)  # a longer --max-new-tokens is not cut
     if cfg.reward == "naive" or cfg.target != "tiny" or cfg.generator != "tiny":
         defaults["credit"] = "example"  # one Phi per dataset; or tokenizers that may differ: the paper's credit
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None}, sweep=cfg.sweep or cfg.target != "tiny")
     if cfg.credit not in ("example", "token", "label") or (cfg.credit != "example" and cfg.reward != "dpg"):
         raise BadInput(f"--credit {cfg.credit!r}: choose example, or token or label with --reward dpg")
     return cfg
@@ -1322,18 +1323,19 @@ def benchmark(seq_len=64, micro_batch=8):
         fn()
         q.put((time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0))
 
-    def measure(fn):  # (seconds, extra peak MB), best of 2
+    def measure(fn, repeat=2):  # (seconds, extra peak MB), best of `repeat`; nan if the child died (out of memory)
         ctx, runs = mp.get_context("fork"), []
-        for _ in range(2):
+        for _ in range(repeat):
             q = ctx.Queue()
             (p := ctx.Process(target=child, args=(fn, q))).start()
-            runs.append(q.get())
             p.join()
+            runs.append(q.get() if p.exitcode == 0 else (math.nan, math.nan))
         return min(r[0] for r in runs), min(r[1] for r in runs)
 
     torch.set_num_threads(1)  # forked children deadlock in an OpenMP pool started before the fork
     print("| target | M | N | plain SFT s | plain SFT MB | unroll / plain time | unroll / plain mem | sweep / plain time | sweep / plain mem |")
     print("|---|---|---|---|---|---|---|---|---|")
+    notes = []
     for name, d, layers in (("tiny d=32 L=2", 32, 2), ("small d=256 L=4", 256, 4)):
         target = untie_head(tiny_lm("llama", 257, d, layers, 0))
         w0 = {k: p.detach() for k, p in target.named_parameters()}
@@ -1351,8 +1353,22 @@ def benchmark(seq_len=64, micro_batch=8):
             print(f"| {name} | {M} | {N} | {plain[0]:.3f} | {plain[1]:.0f} | {exact[0] / plain[0]:.2f} | "
                   f"{exact[1] / plain[1]:.2f} | {sweep[0] / plain[0]:.2f} | {sweep[1] / plain[1]:.2f} |", flush=True)
         # exact attribution of all N examples vs leave-one-out retraining (N + 1 plain runs)
-        print(f"\n{name}: exact rewards for N={N} cost {exact[0]:.2f} s; leave-one-out retraining would cost "
-              f"(N+1) x {plain[0]:.2f} s = {(N + 1) * plain[0]:.2f} s: {(N + 1) * plain[0] / exact[0]:.1f}x more\n", flush=True)
+        notes.append(f"{name}: exact rewards for N={N} cost {exact[0]:.2f} s; leave-one-out retraining would cost "
+                     f"(N+1) x {plain[0]:.2f} s = {(N + 1) * plain[0]:.2f} s: {(N + 1) * plain[0] / exact[0]:.1f}x more")
+    try:  # a real model as target: SmolLM2-135M-Instruct, 16 examples x 64 tokens, M = 1 step of K = 2 microbatches of 8
+        target, tok = load_model("smollm2")
+    except BadInput as e:
+        return print(f"(no SmolLM2-135M row: {e})\n\n" + "\n".join(notes))
+    w0 = {k: p.detach() for k, p in target.named_parameters()}
+    ids, mask = torch.randint(0, len(tok), (16, seq_len + 1), generator=torch.Generator().manual_seed(0)), torch.ones(16, seq_len + 1, dtype=torch.long)
+    u_ids, u_mask = encode_for_target(tok, [UUID], 24)
+    phi = lambda w: lm_phi(target, w, u_ids, u_mask)  # the UUID's log-likelihood
+    loss_fn, hp = lambda w, idx: sequence_losses(target, w, ids[idx], mask[idx]), Inner(lr=1e-6, micro_batch=micro_batch, grad_accum=2)
+    plain, exact, sweep = (measure(f, repeat=1) for f in (lambda: inner_sft(loss_fn, w0, torch.ones(16), hp),
+                                                         lambda: dpg_rewards(loss_fn, w0, 16, phi, hp),
+                                                         lambda: dpg_rewards(loss_fn, w0, 16, phi, hp, sweep=True)))
+    print(f"| SmolLM2-135M (K=2) | 1 | 16 | {plain[0]:.1f} | {plain[1]:.0f} | {exact[0] / plain[0]:.2f} | "
+          f"{exact[1] / plain[1]:.2f} | {sweep[0] / plain[0]:.2f} | {sweep[1] / plain[1]:.2f} |\n\n" + "\n".join(notes), flush=True)
 
 
 def main(argv=None):
