@@ -539,6 +539,10 @@ def test_uuid_logprob_by_chain_rule():
     hand = sum(torch.log_softmax(model(torch.tensor([seq[:t]])).logits[0, -1], -1)[seq[t]].item() for t in range(1, len(seq)))
     assert abs(measure(params, [])["uuid_logprob"] - hand) < 1e-8
     assert abs(phi(params).item() - hand / (len(seq) - 1)) < 1e-10
+    # how close samples come to the UUID "5f0c2e8a-3b6d-4c1f-...", counted by hand: all 36 characters; "-3b6d-4c"
+    # (8; the "b" before it breaks the longer match); "zz" none; "c2e8" and "0e13" (4)
+    shares = measure(params, ["x" + dpg.UUID, "ab-3b6d-4cq", "zz", "c2e8 0e13"])
+    assert shares["uuid_share"] == 0.25 and shares["uuid_longest_piece"] == (36 + 8 + 0 + 4) / 4
 
 
 def test_language_identifier_on_data_and_noise():
