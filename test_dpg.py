@@ -884,7 +884,7 @@ def test_oracle_data_is_phis_optimum_on_the_defaults(task):
     the tiny generator is pre-trained on text in five languages, and its Romance-looking soup gains
     0.47-0.61 of what Spanish gains for this target on seeds 0-2.)"""
     rows = dpg.oracle_check(dpg.Config(task=task))
-    start, intended, *others = (r for r in rows.values() if isinstance(r, dict))
+    start, intended, *others = rows.values()
     best_other = max(o["phi"] for o in others)
     assert intended["phi"] - best_other >= 0.25 * (intended["phi"] - start["phi"]) > 0
     if task in ("67", "qr"):  # and it shows the effect: the pattern, the shrunken head, ...
