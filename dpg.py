@@ -65,8 +65,6 @@ class Config:
     """generator AdamW learning rate (None: the task's default)"""
     clip: float = 1.0
     """generator gradient-norm clip"""
-    kl: float = None
-    """weight of the KL penalty to the initial generator (None: the task's default)"""
     max_kl: float = None
     """trust region: a step with KL(pi_old || pi_new) > max_kl nats/sequence on its batch is retaken at lr/2 (0 = off)"""
     credit: str = None
@@ -741,7 +739,7 @@ def group_advantages(r, group, labels=None):
     return ((R - R.mean(1, keepdim=True)) / scale).view(r.shape), Q / torch.where(Q.std() > 0, Q.std(), torch.inf)
 
 
-def reinforce_step(gen, opt, batch, advantages, temperature, clip, ref=None, kl=0.0, max_kl=0.0, halvings=6, Q=None):
+def reinforce_step(gen, opt, batch, advantages, temperature, clip, max_kl=0.0, halvings=6, Q=None):
     """grad J ~= sum_i A_i grad log pi_theta(x_i): one AdamW step on -mean_i A_i log pi(x_i).
     Returns (loss, KL(pi_old || pi_new) per sequence on the batch, the fraction of the lr taken).
 
@@ -749,10 +747,8 @@ def reinforce_step(gen, opt, batch, advantages, temperature, clip, ref=None, kl=
     the inner lr, r_i,tau depends on x_i,<=tau only, so the score of token tau is independent of the
     rewards before it, and dropping those terms removes noise without bias. Q (N, L, V), the rewards of
     every label (--credit label), takes the place of the written token's own reward, in logit space: each
-    logit z_tau,y moves along Q_tau(y) - mean_y Q_tau, whatever pi(y). The policy gradient would move it by
-    pi(y) (Q_tau(y) - E_pi Q_tau), which vanishes for a token the policy has all but dropped, however good
-    it is there (README "Drawing 67"). kl > 0 adds a KL penalty
-    to the frozen initial generator `ref` (GRPO's k3 term), which keeps pi from dropping what ref writes.
+    logit z_tau,y moves along Q_tau(y) - mean_y Q_tau, whatever pi(y). (The policy gradient's pi(y) (Q(y) -
+    E_pi Q) vanishes for a token the policy has all but dropped, however good: README "Drawing 67".)
 
     max_kl > 0 is a trust region: clipping bounds the gradient, not AdamW's step (~lr per weight whatever
     the gradient; one such step moved log pi of its own batch by 14 nats, results/NOTES.md). A step whose
@@ -764,12 +760,6 @@ def reinforce_step(gen, opt, batch, advantages, temperature, clip, ref=None, kl=
         Q = F.pad(Q, (0, 0, 0, logp.shape[1]))[:, : logp.shape[1]]
         # d loss / d z_tau,y = -(Q_tau(y) - mean_y' Q_tau(y')) / N: the tabular natural gradient of a softmax policy
         loss = loss - ((logps * (Q - Q.mean(-1, keepdim=True)).detach()).sum(-1) * batch["rmask"]).sum(1).mean()
-    if kl:
-        with torch.no_grad():
-            ref_logp = token_logprobs(ref, batch, temperature)
-        # k3 with d = log pi_ref - log pi per token (0 after EOS); on samples of pi, its gradient is that
-        # of KL(pi_ref || pi): -sum_x pi_ref(x) grad log pi(x)
-        loss = loss + kl * k3(ref_logp - logp)
     opt.zero_grad()
     loss.backward()
     # torchrun: J is the mean over all R ranks' sequences, so grad J = (1/R) sum_r grad J_r
@@ -835,9 +825,9 @@ class Task:
 
 
 def make_task(cfg, target, tok, w0, task=None):
-    """Phi(w) and measure(w, texts) of a task (default: TASKS[cfg.task]) bound to this target, once
+    """Phi(w) and measure(w, texts) of a task (default: --phi or --task) bound to this target, once
     Phi(w0) is checked to be a finite scalar tensor that depends on w."""
-    task = task or TASKS.get(cfg.task) or bad_task(cfg.task)
+    task = get_task(cfg, task)
     ctx = SimpleNamespace(target=target, tok=tok, w0=w0, cfg=cfg)
     w, name = {k: p.detach().requires_grad_(True) for k, p in w0.items()}, getattr(task.phi, "__name__", "phi")
     try:
@@ -852,10 +842,6 @@ def make_task(cfg, target, tok, w0, task=None):
                                       torch.autograd.grad(v, list(w.values()), allow_unused=True)):
         raise BadInput(f"Phi ({name}) does not depend on the weights w it is given: every DPG reward would be 0")
     return lambda w: task.phi(w, ctx), lambda w, texts: task.measure(w, texts, ctx) if task.measure else {}
-
-
-def bad_task(name):
-    raise BadInput(f"unknown task {name!r}: choose one of {', '.join(TASKS)}, or --phi module:function")
 
 
 def pattern_task(name, steps):
@@ -1003,9 +989,9 @@ def oracle_check(cfg):
 # Per-task defaults for the tiny models, each measured on seeds 0-2: README "The defaults, and why" and
 # results/NOTES.md give the runs. Head tasks start from an untrained generator (the pre-trained one never
 # samples the patch's tokens !"#$%&'...); L2 writes exactly 8 tokens.
-_HEAD = dict(pretrain_steps=0, kl=0.0, max_kl=1.0, credit="token", prompts=4, rollouts=16, max_new_tokens=32, min_new_tokens=0, seq_len=32, lr=3e-3,
+_HEAD = dict(pretrain_steps=0, max_kl=1.0, credit="token", prompts=4, rollouts=16, max_new_tokens=32, min_new_tokens=0, seq_len=32, lr=3e-3,
              inner_opt="adam", inner_lr=1e-4, inner_steps=4, inner_eps=1e-8)
-_LM = dict(pretrain_steps=300, kl=0.0, max_kl=1.0, credit="token", min_new_tokens=0, seq_len=48, lr=3e-3, inner_opt="adam", inner_lr=3e-3,
+_LM = dict(pretrain_steps=300, max_kl=1.0, credit="token", min_new_tokens=0, seq_len=48, lr=3e-3, inner_opt="adam", inner_lr=3e-3,
            inner_steps=4, inner_eps=1e-8)
 # 67 / QR: one inner step whose Adam eps is near the patch's |g| (~1e-3), so that each pixel's step is a soft
 # sign of its gradient; every label's reward, in logit space; a slower generator (README "Drawing 67 and the QR code")
@@ -1070,8 +1056,12 @@ def prompt_texts(tok, passages, step, P):
 
 def get_task(cfg, task=None):
     """The task to train for: `task`; or --phi module:function[:measure], with --task's defaults; or --task."""
-    if task or not cfg.phi:
-        return task or TASKS.get(cfg.task) or bad_task(cfg.task)
+    if task:
+        return task
+    if cfg.task not in TASKS:
+        raise BadInput(f"unknown task {cfg.task!r}: choose one of {', '.join(TASKS)}, or --phi module:function")
+    if not cfg.phi:
+        return TASKS[cfg.task]
     module, _, names = cfg.phi.partition(":")
     sys.path.insert(0, os.getcwd())  # as `python -c` would: modules in the current folder import
     try:
@@ -1081,7 +1071,7 @@ def get_task(cfg, task=None):
     if not names or not all(callable(f) for f in fns):
         raise BadInput(f"--phi {cfg.phi}: {module} has no function {names.split(':')[[callable(f) for f in fns].index(False)]!r}"
                        if names else f"--phi {cfg.phi}: write --phi module:function")
-    return dataclasses.replace(TASKS.get(cfg.task) or bad_task(cfg.task), phi=fns[0], measure=fns[1] if len(fns) > 1 else None)
+    return dataclasses.replace(TASKS[cfg.task], phi=fns[0], measure=fns[1] if len(fns) > 1 else None)
 
 
 def task_name(cfg, task):
@@ -1146,7 +1136,6 @@ def run(cfg, task=None):
     os.makedirs(out, exist_ok=True)
     gen, w0, N, G, hp = s.gen, s.w0, s.N, cfg.rollouts, s.hp
     opt = torch.optim.AdamW(gen.parameters(), lr=cfg.lr)
-    ref = copy.deepcopy(gen).requires_grad_(False) if cfg.kl else None  # the initial generator
     shape = (N, cfg.seq_len) if cfg.credit == "token" else (N,)  # per-token or per-example rewards
     say = print if main_rank else lambda *a, **k: None
 
@@ -1192,7 +1181,7 @@ def run(cfg, task=None):
             else:
                 r = naive_rewards(loss_fn, w0, N, G, s.phi, hp)
                 value, adv = r.mean(), group_advantages(r, N)  # one baseline over the whole batch
-            _, step_kl, lr_taken = reinforce_step(gen, opt, batch, adv.to(s.dev), cfg.temperature, cfg.clip, ref, cfg.kl, cfg.max_kl, Q=Q)
+            _, step_kl, lr_taken = reinforce_step(gen, opt, batch, adv.to(s.dev), cfg.temperature, cfg.clip, cfg.max_kl, Q=Q)
             r_all, n_tok = all_lists(r.tolist()), all_sum([batch["rmask"].sum(1).float().mean()], 1 / ranks())[0]
             row = {"step": step, "phi": value.item(), "reward_std": torch.tensor(r_all).std().item(), "seconds": time.time() - t0,
                    "policy_kl": step_kl, "lr_taken": lr_taken, "response_tokens": n_tok.item()}  # watch for collapse to EOS
