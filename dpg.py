@@ -82,7 +82,7 @@ class Config:
     grad_accum: int = 1
     """K microbatches per inner step"""
     sweep: bool = False
-    """rewards by the reverse sweep: memory of one microbatch's graph instead of all M*K (on for real targets)"""
+    """rewards by the reverse sweep: one microbatch's graph instead of all M*K (without it dpg_rewards picks: the sweep on real targets)"""
     seq_len: int = None
     """L: target tokens per example (responses are cut, padding counts in the 1/L; at least --max-new-tokens)"""
     lang: str = "es"
@@ -286,7 +286,7 @@ def named_errors():
         raise
 
 
-def dpg_rewards(loss_fn, params, n, phi, hp, sweep=False):
+def dpg_rewards(loss_fn, params, n, phi, hp, sweep=None):
     """Exact DPG rewards r_i = dPhi(A(D, eps)) / d eps_i at eps = 1, all i from one reverse pass.
 
     phi(w) -> scalar, higher is better. Returns (Phi(A(D)), r) with r of shape n: (N,) for
@@ -295,10 +295,13 @@ def dpg_rewards(loss_fn, params, n, phi, hp, sweep=False):
     n may also be the weights themselves, a tensor of loss_fn's shape (label_rewards' one-hot).
     This is the true derivative; the official code returns B times it (a per-microbatch VJP quirk).
     sweep=False differentiates the full unroll (fastest on small models; memory grows with the M inner steps);
-    sweep=True gives the same numbers holding one microbatch's graph at a time (reverse_sweep): use it for
-    real models (SmolLM2-135M: 1.8x plain SFT's memory, the unroll 3.0x, README "Benchmark"). It is the only
-    way under torchrun, where each rank passes its own examples and gets their rewards.
+    sweep=True gives the same numbers holding one microbatch's graph at a time (reverse_sweep), the one for
+    real models (SmolLM2-135M: 1.8x plain SFT's memory, the unroll 3.0x, README "Benchmark") and the only
+    way under torchrun, where each rank passes its own examples and gets their rewards. The default, None,
+    picks the sweep for targets over 20 M parameters and under torchrun, else the unroll.
     """
+    if sweep is None:
+        sweep = sum(p.numel() for p in params.values()) > 20e6
     sweep = sweep or ranks() > 1
     p0 = next(iter(params.values()))
     eps = (n.clone() if torch.is_tensor(n) else torch.ones(n, dtype=p0.dtype, device=p0.device)).requires_grad_(True)
@@ -371,7 +374,7 @@ def reverse_sweep(loss_fn, params, eps, phi, hp, every=0):
     return value, r + torch.zeros_like(eps)
 
 
-def label_rewards(model, params, ids, mask, phi, hp, sweep=False):
+def label_rewards(model, params, ids, mask, phi, hp, sweep=None):
     """The reward of every label y the vocabulary has, at every position tau of every example j, written
     after the context that example has there: r_j,tau(y) = dPhi/d q_j,tau(y), where the example's loss term
     at tau is (1/L) sum_y q(y) CE(y | x_j,<tau) and q is the one-hot of the written label. Returns
@@ -1171,12 +1174,12 @@ def run(cfg, task=None):
             if cfg.credit == "label":  # every label's reward at every position
                 ids, mask = (x.to(s.dev) for x in encode_for_target(s.ttok, None, s.L, batch["tokens"]))
                 with named_errors():
-                    value, Q = label_rewards(s.target, w0, ids, mask, s.phi, hp, cfg.sweep)
+                    value, Q = label_rewards(s.target, w0, ids, mask, s.phi, hp, cfg.sweep or None)
                 Q[..., s.gtok.eos_token_id] = 0  # writing EOS adds no label
                 r = Q.gather(-1, ids[:, 1:, None])[..., 0] * mask[:, 1:]
                 (adv, Q), r = group_advantages(r, G, Q), r.sum(1)
             elif cfg.reward == "dpg":
-                value, r = dpg_rewards(loss_fn, w0, shape, s.phi, hp, sweep=cfg.sweep)
+                value, r = dpg_rewards(loss_fn, w0, shape, s.phi, hp, sweep=cfg.sweep or None)
                 adv, r = group_advantages(r, G), r.view(N, -1).sum(1)
             else:
                 r = naive_rewards(loss_fn, w0, N, G, s.phi, hp)
@@ -1258,7 +1261,7 @@ def resolve(cfg, task=None):
     defaults["seq_len"] = max(defaults["seq_len"], cfg.max_new_tokens or 0)  # a longer --max-new-tokens is not cut
     if cfg.reward == "naive" or cfg.target != "tiny" or cfg.generator != "tiny":
         defaults["credit"] = "example"  # one Phi per dataset; or tokenizers that may differ: the paper's credit
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None}, sweep=cfg.sweep or cfg.target != "tiny")
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
     if cfg.credit not in ("example", "token", "label") or (cfg.credit != "example" and cfg.reward != "dpg"):
         raise BadInput(f"--credit {cfg.credit!r}: choose example, or token or label with --reward dpg")
     return cfg
@@ -1324,7 +1327,7 @@ def benchmark(seq_len=64, micro_batch=8):
 
     def compare(name, M, N, loss_fn, w0, phi, hp, repeat=2):  # one table row: plain SFT, the unroll, the sweep
         plain, exact, sweep = (measure(f, repeat) for f in (lambda: inner_sft(loss_fn, w0, torch.ones(N), hp),
-                                                             lambda: dpg_rewards(loss_fn, w0, N, phi, hp),
+                                                             lambda: dpg_rewards(loss_fn, w0, N, phi, hp, sweep=False),
                                                              lambda: dpg_rewards(loss_fn, w0, N, phi, hp, sweep=True)))
         print(f"| {name} | {M} | {N} | {plain[0]:.3g} | {plain[1]:.0f} | {exact[0] / plain[0]:.2f} | "
               f"{exact[1] / plain[1]:.2f} | {sweep[0] / plain[0]:.2f} | {sweep[1] / plain[1]:.2f} |", flush=True)

@@ -124,6 +124,19 @@ def test_reverse_sweep_equals_unroll(opt):
     assert rel_err(r_sweep, r_unroll) <= 1e-10
 
 
+def test_dpg_rewards_default_picks_the_sweep_above_20m_parameters(monkeypatch):
+    """sweep=None: the unroll for a small target, the sweep once the weights hold over 20 M numbers (here a
+    broadcast tensor of 21 M that Phi ignores); an explicit sweep= wins either way."""
+    _, params, loss_fn, phi = setup("llama", 4, seed=1)
+    called = []
+    for name in ("unroll", "reverse_sweep"):
+        monkeypatch.setattr(dpg, name, lambda *a, name=name: called.append(name) or (torch.tensor(0.0), torch.zeros(4)))
+    big = params | {"extra": torch.zeros(1).expand(21_000_000)}
+    for p, sweep in ((params, None), (big, None), (big, False), (params, True)):
+        dpg.dpg_rewards(loss_fn, p, 4, phi, dpg.Inner(lr=3e-2, micro_batch=2), sweep=sweep)
+    assert called == ["unroll", "reverse_sweep", "unroll", "reverse_sweep"]
+
+
 @pytest.mark.parametrize("opt,lr", [("adam", 3e-2), ("sgd", 0.5)])
 def test_token_rewards_sum_to_example_rewards_and_match_finite_differences(opt, lr):
     """--credit token: r_i,tau = dPhi/d eps_i,tau from the same reverse pass. Their row sums are r_i
