@@ -847,7 +847,7 @@ def make_task(cfg, target, tok, w0, task=None):
     return lambda w: task.phi(w, ctx), lambda w, texts: task.measure(w, texts, ctx) if task.measure else {}
 
 
-def pattern_task(name, steps):
+def pattern_task(name, **defaults):
     """67 / QR: Phi = -mean softplus(-20 S * Delta) on the head patch under S; success: pixel accuracy."""
     def phi(w, ctx):
         W0, S = lm_head(ctx.w0).detach(), pattern(name).to(ctx.w0["lm_head.weight"])  # S: (r, c), -1 = dark
@@ -856,7 +856,7 @@ def pattern_task(name, steps):
                            f"(hidden, vocab): use a target with hidden >= {S.shape[0]} and vocabulary >= {S.shape[1]}")
         return pattern_phi(lm_head(w), W0, S)
     return Task(phi, lambda w, texts, ctx: {"pixel_accuracy": pixel_accuracy(lm_head(w), lm_head(ctx.w0), pattern(name))},
-                _PATTERN | dict(steps=steps), head=True)
+                _PATTERN | defaults, head=True)
 
 
 def uuid_shares(texts):
@@ -1001,7 +1001,7 @@ _LM = dict(pretrain_steps=300, max_kl=1.0, credit="token", min_new_tokens=0, seq
 _PATTERN = _HEAD | dict(credit="label", inner_steps=1, inner_eps=1e-3, lr=1e-3)
 TASKS = {
     "67": pattern_task("67", steps=300),
-    "qr": pattern_task("qr", steps=800),
+    "qr": pattern_task("qr", steps=1200, lr=3e-4),  # smaller policy steps: a higher plateau (README "Where QR stops")
     "l2": Task(lambda w, ctx: l2_phi(lm_head(w)), lambda w, texts, ctx: {"lm_head_norm": lm_head(w).norm().item()},
                _HEAD | dict(steps=300, max_new_tokens=8, min_new_tokens=8, seq_len=8), head=True),
     "uuid": Task(uuid_phi, lambda w, texts, ctx: {"uuid_logprob": len(ctx.tok(UUID, add_special_tokens=False)["input_ids"])
