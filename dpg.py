@@ -82,7 +82,7 @@ class Config:
     grad_accum: int = 1
     """K microbatches per inner step"""
     sweep: bool = False
-    """rewards by the reverse sweep: one microbatch's graph instead of all M*K (without it dpg_rewards picks: the sweep on real targets)"""
+    """force the reverse sweep (one microbatch's graph at a time); unset, dpg_rewards picks it for targets over 20 M parameters"""
     seq_len: int = None
     """L: target tokens per example (responses are cut, padding counts in the 1/L; at least --max-new-tokens)"""
     lang: str = "es"
