@@ -165,9 +165,13 @@ def microbatch_grad(loss_fn, w, eps, idx, hp, create_graph=False):
     """grad_w (1/B) sum_{j in idx} eps_j l_j(w): one microbatch's share of the step gradient. With
     per-token losses (N, L) and weights eps (N, L) it is sum_tau eps_j,tau l_j,tau instead. Under
     torchrun the microbatch is R ranks x B examples, so each rank's share is divided by R B."""
-    loss = (eps[idx] * loss_fn(w, idx)).sum() / (hp.micro_batch * ranks())
-    g = torch.autograd.grad(loss, list(w.values()), create_graph=create_graph, allow_unused=True)
-    return [torch.zeros_like(p) if x is None else x for p, x in zip(w.values(), g)]
+    return grads((eps[idx] * loss_fn(w, idx)).sum() / (hp.micro_batch * ranks()), list(w.values()), create_graph)
+
+
+def grads(value, xs, create_graph=False):
+    """d value / d x for each tensor x in the list xs (zeros where value does not depend on x)."""
+    g = torch.autograd.grad(value, xs, create_graph=create_graph, allow_unused=True)
+    return [torch.zeros_like(x) if a is None else a for x, a in zip(xs, g)]
 
 
 def microbatches(t, hp):
@@ -229,11 +233,6 @@ def inner_step_grad(loss_fn, w, eps, t, hp, create_graph=False):
     return all_sum(g)  # torchrun: g_t = sum over ranks r of g_t^(r), the same on every rank
 
 
-def inner_step(loss_fn, state, eps, t, hp, create_graph=False):
-    """One inner step t (0-based): state = (w, m, v) -> the next state."""
-    return update(state, inner_step_grad(loss_fn, state[0], eps, t, hp, create_graph), t, hp)
-
-
 def n_inner_steps(n, hp):
     """M = N / (B K); refuses a dataset that does not split into whole steps."""
     if n % (hp.micro_batch * hp.grad_accum):
@@ -252,7 +251,7 @@ def inner_sft(loss_fn, params, eps, hp, create_graph=False):
     w = {n: p if p.requires_grad else p.detach().requires_grad_(True) for n, p in params.items()}
     state = (w, {n: torch.zeros_like(p) for n, p in w.items()}, {n: torch.zeros_like(p) for n, p in w.items()})
     for t in range(n_inner_steps(eps.shape[0], hp)):
-        state = inner_step(loss_fn, state, eps, t, hp, create_graph)
+        state = update(state, inner_step_grad(loss_fn, state[0], eps, t, hp, create_graph), t, hp)  # step t: (w, m, v)
         if not create_graph:  # plain SFT: cut the graph after every step
             state = tuple({n: x.detach().requires_grad_(i == 0) for n, x in s.items()} for i, s in enumerate(state))
     return state[0]
@@ -260,14 +259,12 @@ def inner_sft(loss_fn, params, eps, hp, create_graph=False):
 
 def check_rewards(r, hp):
     """Refuse non-finite rewards with the reason, rather than training on them."""
-    if torch.isfinite(r).all():
-        return r
-    hint = ""
-    if hp.optimizer == "adam" and hp.eps_root == 0:
-        hint = (" With eps_root = 0, parameters that get no gradient (unused vocabulary rows) put "
-                "sqrt(0) in Adam's denominator, whose derivative is infinite: set eps_root > 0 (1e-9).")
-    raise FloatingPointError(f"{int((~torch.isfinite(r)).sum())} of {r.numel()} DPG rewards are NaN/inf.{hint}"
-                             " Otherwise lower the inner lr or use float64.")
+    if not torch.isfinite(r).all():
+        hint = (" With eps_root = 0, parameters that get no gradient (unused vocabulary rows) put sqrt(0) in Adam's "
+                "denominator, whose derivative is infinite: set eps_root > 0 (1e-9)." if hp.optimizer == "adam" and hp.eps_root == 0 else "")
+        raise FloatingPointError(f"{int((~torch.isfinite(r)).sum())} of {r.numel()} DPG rewards are NaN/inf.{hint}"
+                                 " Otherwise lower the inner lr or use float64.")
+    return r
 
 
 @contextlib.contextmanager
@@ -289,17 +286,13 @@ def named_errors():
 def dpg_rewards(loss_fn, params, n, phi, hp, sweep=None):
     """Exact DPG rewards r_i = dPhi(A(D, eps)) / d eps_i at eps = 1, all i from one reverse pass.
 
-    phi(w) -> scalar, higher is better. Returns (Phi(A(D)), r) with r of shape n: (N,) for
-    per-example losses; n = (N, L) with a loss_fn of per-token losses gives the per-token rewards
-    r_i,tau = dPhi/d eps_i,tau, whose row sums are the r_i (chain rule: eps_i weights every token).
-    n may also be the weights themselves, a tensor of loss_fn's shape (label_rewards' one-hot).
-    This is the true derivative; the official code returns B times it (a per-microbatch VJP quirk).
-    sweep=False differentiates the full unroll (fastest on small models; memory grows with the M inner steps);
-    sweep=True gives the same numbers holding one microbatch's graph at a time (reverse_sweep), the one for
-    real models (SmolLM2-135M: 1.8x plain SFT's memory, the unroll 3.0x, README "Benchmark") and the only
-    way under torchrun, where each rank passes its own examples and gets their rewards. The default, None,
-    picks the sweep for targets over 20 M parameters and under torchrun, else the unroll.
-    """
+    phi(w) -> scalar, higher is better. Returns (Phi(A(D)), r) with r of shape n: (N,) for per-example
+    losses; n = (N, L) with per-token losses gives r_i,tau = dPhi/d eps_i,tau, whose row sums are the r_i;
+    n may also be the weights themselves (label_rewards' one-hot). The true derivative: the official code
+    returns B times it. sweep=False differentiates the full unroll (fastest on small models; memory grows
+    with M); sweep=True gets the same numbers holding one microbatch's graph at a time (reverse_sweep: real
+    models, README "Benchmark"; under torchrun each rank gets its own examples' rewards). None: the sweep
+    for targets over 20 M parameters and under torchrun, else the unroll."""
     if sweep is None:
         sweep = sum(p.numel() for p in params.values()) > 20e6
     sweep = sweep or ranks() > 1
@@ -313,12 +306,6 @@ def dpg_rewards(loss_fn, params, n, phi, hp, sweep=None):
 def leaf(d):
     """The tensors of d as new leaves of the autograd graph: detached, requiring grad."""
     return {n: x.detach().requires_grad_(True) for n, x in d.items()}
-
-
-def grad_dict(value, w):
-    """d value / d w as a dict like w (zeros where value does not depend on a tensor)."""
-    g = torch.autograd.grad(value, list(w.values()), allow_unused=True)
-    return {n: torch.zeros_like(x) if a is None else a for (n, x), a in zip(w.items(), g)}
 
 
 def unroll(loss_fn, params, eps, phi, hp):
@@ -350,7 +337,7 @@ def reverse_sweep(loss_fn, params, eps, phi, hp, every=0):
         s, seg = walk(s, a, min(a + k, M))  # the last segment's states stay for the walk back
     w = leaf(s[0])
     value = phi(w)
-    adjoint, r = (grad_dict(value, w), zeros, zeros), 0
+    adjoint, r = (dict(zip(w, grads(value, list(w.values())))), zeros, zeros), 0
     s = w = None  # the last state is not needed on the walk back (on a real model: 3 copies of the weights)
     for a in reversed(starts):
         seg = seg if a == starts[-1] else walk(ckpt[a], a, min(a + k, M))[1]
@@ -778,7 +765,9 @@ def reinforce_step(gen, opt, batch, advantages, temperature, clip, max_kl=0.0, h
         opt.step()
         opt.param_groups[0]["lr"] = lr
         with torch.no_grad():  # KL(pi_old || pi_new), d = log pi_new - log pi_old on tokens drawn from pi_old
-            step_kl = all_sum([k3(token_logprobs(gen, batch, temperature) - logp.detach())], 1 / ranks())[0].item()
+            d = token_logprobs(gen, batch, temperature) - logp.detach()  # (N, Tr), 0 after EOS
+            # Schulman's k3: sum_tau (e^d - 1 - d) >= 0, whose expectation is the KL at each position
+            step_kl = all_sum([(torch.exp(d) - 1 - d).sum(1).mean()], 1 / ranks())[0].item()
         if step_kl <= max_kl:
             return loss.item(), step_kl, 1 / 2**k
         with torch.no_grad():  # rejected: the weights and AdamW's state as they were
@@ -786,12 +775,6 @@ def reinforce_step(gen, opt, batch, advantages, temperature, clip, max_kl=0.0, h
                 p.copy_(q)
         opt.load_state_dict(saved[1])
     return loss.item(), 0.0, 0.0  # nothing fits: this step is skipped
-
-
-def k3(d):
-    """sum_tau (e^d - 1 - d) per sequence, mean over sequences; d (N, T) = log q - log p on tokens drawn from
-    p (0 after EOS). Each term is >= 0 and has expectation KL(p || q) at its position (Schulman's k3)."""
-    return (torch.exp(d) - 1 - d).sum(1).mean()
 
 
 def naive_rewards(loss_fn, params, n, group, phi, hp):
@@ -817,8 +800,7 @@ PHI_PASSAGES = 16  # the language task's Phi reads the first 16 passages; pre-tr
 class Task:
     """What DPG trains a generator for, as data. run(cfg, task) takes one; TASKS holds the paper's five."""
     phi: object
-    """phi(w, ctx) -> scalar tensor that depends on w, higher is better. w: the target's trained weights
-    {name: tensor}; ctx: .target (the model), .tok (its tokenizer), .w0 (its starting weights), .cfg"""
+    """phi(w, ctx) -> scalar tensor, higher is better; w: the trained target's {name: tensor}, ctx: .target .tok .w0 .cfg"""
     measure: object = None
     """measure(w, texts, ctx) -> {name: float}: success figures, logged and summarized (optional)"""
     defaults: dict = None
@@ -830,20 +812,17 @@ class Task:
 def make_task(cfg, target, tok, w0, task=None):
     """Phi(w) and measure(w, texts) of a task (default: --phi or --task) bound to this target, once
     Phi(w0) is checked to be a finite scalar tensor that depends on w."""
-    task = get_task(cfg, task)
-    ctx = SimpleNamespace(target=target, tok=tok, w0=w0, cfg=cfg)
-    w, name = {k: p.detach().requires_grad_(True) for k, p in w0.items()}, getattr(task.phi, "__name__", "phi")
+    task, ctx, w = get_task(cfg, task), SimpleNamespace(target=target, tok=tok, w0=w0, cfg=cfg), leaf(w0)
+    bad = lambda why: BadInput(f"Phi ({getattr(task.phi, '__name__', 'phi')}) {why}")
     try:
         inspect.signature(task.phi).bind(w, ctx)
     except (TypeError, ValueError) as e:
-        raise BadInput(f"Phi ({name}) must take (w, ctx), the target's weights and the run's context: {e}")
-    v = task.phi(w, ctx)
-    if not (torch.is_tensor(v) and v.dim() == 0 and torch.isfinite(v)):
-        raise BadInput(f"Phi ({name}) must return a finite scalar tensor; it returned "
-                       + (f"a tensor of shape {tuple(v.shape)}: {v.flatten()[:4].tolist()}" if torch.is_tensor(v) else repr(v)))
-    if not v.requires_grad or not any(g is not None and g.any() for g in
-                                      torch.autograd.grad(v, list(w.values()), allow_unused=True)):
-        raise BadInput(f"Phi ({name}) does not depend on the weights w it is given: every DPG reward would be 0")
+        raise bad(f"must take (w, ctx), the target's weights and the run's context: {e}")
+    if not (torch.is_tensor(v := task.phi(w, ctx)) and v.dim() == 0 and torch.isfinite(v)):
+        raise bad("must return a finite scalar tensor; it returned " + (f"a tensor of shape {tuple(v.shape)}: "
+                                                                          f"{v.flatten()[:4].tolist()}" if torch.is_tensor(v) else repr(v)))
+    if not v.requires_grad or not any(g.any() for g in grads(v, list(w.values()))):
+        raise bad("does not depend on the weights w it is given: every DPG reward would be 0")
     return lambda w: task.phi(w, ctx), lambda w, texts: task.measure(w, texts, ctx) if task.measure else {}
 
 
@@ -885,19 +864,15 @@ def last_word_batch(tok, passages, context_chars=160):
     """LAMBADA-style: [BOS] context + ' ' + last word; only the ' '+last-word tokens are labels.
     The context keeps its last 160 characters (whole words): enough for our tiny targets, and Phi's
     double backward through 16 full passages would dominate the step time."""
-    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    rows = []
+    rows, starts = [], []
     for p in passages:
         context, word = p.rstrip(" .!?\"'").rsplit(" ", 1)
         context = context[-context_chars:].split(" ", 1)[-1] if len(context) > context_chars else context
         c, wd = (tok(s, add_special_tokens=False)["input_ids"] for s in (context, " " + word))
-        rows.append(([bos] + c + wd, len(c) + 1))
-    T = max(len(r) for r, _ in rows)
-    ids = torch.full((len(rows), T), bos, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for j, (r, start) in enumerate(rows):
-        ids[j, : len(r)] = torch.tensor(r)
-        mask[j, start: len(r)] = 1
+        rows, starts = rows + [c + wd], starts + [len(c) + 1]  # the labels start after [BOS] + context
+    ids, mask = encode_for_target(tok, None, max(map(len, rows)), rows)
+    for j, start in enumerate(starts):
+        mask[j, :start] = 0
     return ids, mask
 
 # ----------------------------------------------------------------------------- the oracle-data check
@@ -1083,6 +1058,7 @@ def task_name(cfg, task):
 
 
 def out_dir(cfg, task):
+    """--out, else runs/<task>-<seed> (runs/<task>-naive-<seed> for the naive baseline)."""
     return cfg.out or os.path.join("runs", f"{task_name(cfg, task)}-{'naive-' if cfg.reward == 'naive' else ''}{cfg.seed}")
 
 
@@ -1205,8 +1181,7 @@ def run(cfg, task=None):
     after, w = evaluate(*rollout(cfg, s, 0, eval_seed))
     summary = {"task": task_name(cfg, s.task), "reward": cfg.reward, "seed": cfg.seed, "steps": cfg.steps, "seconds": round(elapsed, 1),
                "phi_before": before["phi"], "phi_after": after["phi"]}
-    summary |= {f"{k}_before": v for k, v in before.items() if k != "phi"}
-    summary |= {f"{k}_after": v for k, v in after.items() if k != "phi"}
+    summary |= {f"{k}_{when}": v for when, row in (("before", before), ("after", after)) for k, v in row.items() if k != "phi"}
     if not main_rank:
         return summary
     builtin = s.task is TASKS.get(cfg.task)  # their extras: the target before SFT, the UUID, the picture
@@ -1388,11 +1363,11 @@ def main(argv=None):
         return result
     except (BadInput, FileNotFoundError) as e:  # input a person can fix: one line, as argparse does
         p.exit(2, f"{p.prog}: error: {e}\n")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # one line: where the checkpoint is, and the command that resumes from it
         ckpt = os.path.join(out_dir(cfg, get_task(cfg)), "checkpoint.pt")
         launcher = ["torchrun", f"--nproc-per-node={R}"] if R > 1 else ["python"]
-        again = " ".join(map(shlex.quote, launcher + [sys.argv[0]] + (sys.argv[1:] if argv is None else argv)))
-        p.exit(130, f"{p.prog}: interrupted; " + (f"the checkpoint is {ckpt}; resume with: {again} --resume\n"
+        again = " ".join(map(shlex.quote, launcher + [sys.argv[0]] + (sys.argv[1:] if argv is None else argv) + ["--resume"]))
+        p.exit(130, f"{p.prog}: interrupted; " + (f"the checkpoint is {ckpt}; resume with: {again}\n"
                                                   if os.path.exists(ckpt) else "no checkpoint was written yet\n"))
     finally:
         if R > 1 and torch.distributed.is_initialized():
