@@ -82,7 +82,7 @@ class Config:
     grad_accum: int = 1
     """K microbatches per inner step"""
     sweep: bool = False
-    """force the reverse sweep (one microbatch's graph at a time); unset, dpg_rewards picks it for targets over 20 M parameters"""
+    """force the reverse sweep (one microbatch's graph at a time); unset, it is picked for targets over 20 M parameters"""
     seq_len: int = None
     """L: target tokens per example (responses are cut, padding counts in the 1/L; at least --max-new-tokens)"""
     lang: str = "es"
@@ -293,14 +293,16 @@ def dpg_rewards(loss_fn, params, n, phi, hp, sweep=None):
     with M); sweep=True gets the same numbers holding one microbatch's graph at a time (reverse_sweep: real
     models, README "Benchmark"; under torchrun each rank gets its own examples' rewards). None: the sweep
     for targets over 20 M parameters and under torchrun, else the unroll."""
-    if sweep is None:
-        sweep = sum(p.numel() for p in params.values()) > 20e6
-    sweep = sweep or ranks() > 1
-    p0 = next(iter(params.values()))
+    sweep, p0 = picks_sweep(params, sweep), next(iter(params.values()))
     eps = (n.clone() if torch.is_tensor(n) else torch.ones(n, dtype=p0.dtype, device=p0.device)).requires_grad_(True)
     with named_errors():
         value, r = (reverse_sweep if sweep else unroll)(loss_fn, params, eps, phi, hp)
     return value.detach(), check_rewards(r, hp)
+
+
+def picks_sweep(params, sweep=None):
+    """dpg_rewards' mode: `sweep` when given, else the sweep for targets over 20 M parameters; always under torchrun."""
+    return (sum(p.numel() for p in params.values()) > 20e6 if sweep is None else sweep) or ranks() > 1
 
 
 def leaf(d):
@@ -1072,6 +1074,7 @@ def setup(cfg, task=None):
     gen, target = gen.to(dev), target.to(dev)
     w0 = {n: p.detach() for n, p in target.named_parameters()}
     phi, measure = make_task(cfg, target, ttok, w0, task)
+    cfg = dataclasses.replace(cfg, sweep=picks_sweep(w0, cfg.sweep or None))  # the mode the rewards use (summary.json)
     if cfg.credit != "example" and ttok is not gtok:
         raise BadInput(f"--credit {cfg.credit} pairs each target token with the generator token it came from: "
                          "use a target that shares the generator's tokenizer (--target as --generator)")
@@ -1150,12 +1153,12 @@ def run(cfg, task=None):
             if cfg.credit == "label":  # every label's reward at every position
                 ids, mask = (x.to(s.dev) for x in encode_for_target(s.ttok, None, s.L, batch["tokens"]))
                 with named_errors():
-                    value, Q = label_rewards(s.target, w0, ids, mask, s.phi, hp, cfg.sweep or None)
+                    value, Q = label_rewards(s.target, w0, ids, mask, s.phi, hp, cfg.sweep)
                 Q[..., s.gtok.eos_token_id] = 0  # writing EOS adds no label
                 r = Q.gather(-1, ids[:, 1:, None])[..., 0] * mask[:, 1:]
                 (adv, Q), r = group_advantages(r, G, Q), r.sum(1)
             elif cfg.reward == "dpg":
-                value, r = dpg_rewards(loss_fn, w0, shape, s.phi, hp, sweep=cfg.sweep or None)
+                value, r = dpg_rewards(loss_fn, w0, shape, s.phi, hp, cfg.sweep)
                 adv, r = group_advantages(r, G), r.view(N, -1).sum(1)
             else:
                 r = naive_rewards(loss_fn, w0, N, G, s.phi, hp)
