@@ -300,9 +300,12 @@ def dpg_rewards(loss_fn, params, n, phi, hp, sweep=None):
     return value.detach(), check_rewards(r, hp)
 
 
+SWEEP_ABOVE = 20e6  # parameters: above this, dpg_rewards' default is the sweep (memory), below it the unroll (time)
+
+
 def picks_sweep(params, sweep=None):
-    """dpg_rewards' mode: `sweep` when given, else the sweep for targets over 20 M parameters; always under torchrun."""
-    return (sum(p.numel() for p in params.values()) > 20e6 if sweep is None else sweep) or ranks() > 1
+    """dpg_rewards' mode: `sweep` when given, else the sweep for targets over SWEEP_ABOVE parameters; always under torchrun."""
+    return (sum(p.numel() for p in params.values()) > SWEEP_ABOVE if sweep is None else sweep) or ranks() > 1
 
 
 def leaf(d):

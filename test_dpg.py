@@ -137,6 +137,22 @@ def test_dpg_rewards_default_picks_the_sweep_above_20m_parameters(monkeypatch):
     assert called == ["unroll", "reverse_sweep", "unroll", "reverse_sweep"]
 
 
+def test_summary_records_the_reward_mode_that_ran(monkeypatch, tmp_path):
+    """summary.json's config.sweep is the mode dpg_rewards ran in (seen by a recorder around each mode): the
+    unroll for the tiny target by default, the sweep with --sweep, and the sweep that the default picks once
+    the target is over SWEEP_ABOVE parameters (lowered here below the tiny target's size)."""
+    for sweep, above, ran in ((False, 20e6, "unroll"), (True, 20e6, "reverse_sweep"), (False, 1e3, "reverse_sweep")):
+        called = set()
+        for name in ("unroll", "reverse_sweep"):
+            fn = getattr(dpg, name)
+            monkeypatch.setattr(dpg, name, lambda *a, name=name, fn=fn: called.add(name) or fn(*a))
+        monkeypatch.setattr(dpg, "SWEEP_ABOVE", above)
+        out = tmp_path / f"{sweep}-{above}"
+        dpg.run(dpg.Config(task="l2", steps=1, prompts=2, rollouts=4, sweep=sweep, out=str(out)))
+        assert called == {ran} and json.load(open(out / "summary.json"))["config"]["sweep"] is (ran == "reverse_sweep")
+        monkeypatch.undo()
+
+
 @pytest.mark.parametrize("opt,lr", [("adam", 3e-2), ("sgd", 0.5)])
 def test_token_rewards_sum_to_example_rewards_and_match_finite_differences(opt, lr):
     """--credit token: r_i,tau = dPhi/d eps_i,tau from the same reverse pass. Their row sums are r_i
