@@ -259,12 +259,14 @@ def inner_sft(loss_fn, params, eps, hp, create_graph=False):
 
 def check_rewards(r, hp):
     """Refuse non-finite rewards with the reason, rather than training on them."""
-    if not torch.isfinite(r).all():
-        hint = (" With eps_root = 0, parameters that get no gradient (unused vocabulary rows) put sqrt(0) in Adam's "
-                "denominator, whose derivative is infinite: set eps_root > 0 (1e-9)." if hp.optimizer == "adam" and hp.eps_root == 0 else "")
-        raise FloatingPointError(f"{int((~torch.isfinite(r)).sum())} of {r.numel()} DPG rewards are NaN/inf.{hint}"
-                                 " Otherwise lower the inner lr or use float64.")
-    return r
+    if torch.isfinite(r).all():
+        return r
+    hint = ""
+    if hp.optimizer == "adam" and hp.eps_root == 0:
+        hint = (" With eps_root = 0, parameters that get no gradient (unused vocabulary rows) put "
+                "sqrt(0) in Adam's denominator, whose derivative is infinite: set eps_root > 0 (1e-9).")
+    raise FloatingPointError(f"{int((~torch.isfinite(r)).sum())} of {r.numel()} DPG rewards are NaN/inf.{hint}"
+                             " Otherwise lower the inner lr or use float64.")
 
 
 @contextlib.contextmanager
@@ -823,9 +825,10 @@ def make_task(cfg, target, tok, w0, task=None):
         inspect.signature(task.phi).bind(w, ctx)
     except (TypeError, ValueError) as e:
         raise bad(f"must take (w, ctx), the target's weights and the run's context: {e}")
-    if not (torch.is_tensor(v := task.phi(w, ctx)) and v.dim() == 0 and torch.isfinite(v)):
-        raise bad("must return a finite scalar tensor; it returned " + (f"a tensor of shape {tuple(v.shape)}: "
-                                                                          f"{v.flatten()[:4].tolist()}" if torch.is_tensor(v) else repr(v)))
+    v = task.phi(w, ctx)
+    if not (torch.is_tensor(v) and v.dim() == 0 and torch.isfinite(v)):
+        got = f"a tensor of shape {tuple(v.shape)}: {v.flatten()[:4].tolist()}" if torch.is_tensor(v) else repr(v)
+        raise bad(f"must return a finite scalar tensor; it returned {got}")
     if not v.requires_grad or not any(g.any() for g in grads(v, list(w.values()))):
         raise bad("does not depend on the weights w it is given: every DPG reward would be 0")
     return lambda w: task.phi(w, ctx), lambda w, texts: task.measure(w, texts, ctx) if task.measure else {}
@@ -874,7 +877,8 @@ def last_word_batch(tok, passages, context_chars=160):
         context, word = p.rstrip(" .!?\"'").rsplit(" ", 1)
         context = context[-context_chars:].split(" ", 1)[-1] if len(context) > context_chars else context
         c, wd = (tok(s, add_special_tokens=False)["input_ids"] for s in (context, " " + word))
-        rows, starts = rows + [c + wd], starts + [len(c) + 1]  # the labels start after [BOS] + context
+        rows.append(c + wd)
+        starts.append(len(c) + 1)  # the labels start after [BOS] + context
     ids, mask = encode_for_target(tok, None, max(map(len, rows)), rows)
     for j, start in enumerate(starts):
         mask[j, :start] = 0
