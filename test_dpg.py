@@ -1062,30 +1062,40 @@ def test_two_ranks_give_the_one_process_rewards(tmp_path, opt, every):
 
 
 @pytest.mark.parametrize("M,credit", [(4, "token"), (1, "label")])
-def test_torchrun_cli_resumes_and_logs_the_one_process_phi(tmp_path, M, credit):
-    """torchrun --nproc-per-node 2 (gloo): 2 steps, stop, --resume to 3. One set of outputs (rank 0's);
-    each step's logged Phi equals Phi after a one-process inner SFT on the same step's samples
-    (samples.jsonl, in prompt order: rank 0's 2 prompts, then rank 1's). M = 1 with --credit label
-    (the 67 default): the logged Phi is label_rewards' own."""
+def test_torchrun_cli_resumes_and_logs_the_one_process_phi(tmp_path, M, credit, monkeypatch):
+    """torchrun --nproc-per-node 2 (gloo): 2 steps, stop, --resume to 3. One set of outputs (rank 0's); the
+    logged Phi of steps 0 and 2 equals Phi after a one-process inner SFT on both ranks' samples of that step,
+    drawn again here as each rank drew them (with the generator of the checkpoint step 2 resumed from).
+    M = 1 with --credit label (the 67 default): the logged Phi is label_rewards' own."""
+    import shutil
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            os.path.join(HERE, "dpg.py"), "--task", "67", "--prompts", "4", "--rollouts", "2", "--log-every", "1",
-           "--inner-steps", str(M), "--credit", credit, "--save-samples", "--out", str(out)]
+           "--inner-steps", str(M), "--credit", credit, "--out", str(out)]
     for extra in (["--steps", "2"], ["--steps", "3", "--resume"]):
         proc = subprocess.run(cmd + extra, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
+        if extra[1] == "2":
+            shutil.copy(out / "checkpoint.pt", tmp_path / "after-2-steps.pt")
     assert proc.stdout.count('"phi_after"') == 1  # rank 0 alone prints (and writes) the summary
-    assert sorted(os.listdir(out)) == ["67.png", "checkpoint.pt", "generator", "metrics.jsonl", "samples.jsonl", "summary.json"]
+    assert sorted(os.listdir(out)) == ["67.png", "checkpoint.pt", "generator", "metrics.jsonl", "summary.json"]
     rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
-    data = [json.loads(l) for l in open(out / "samples.jsonl")]
-    assert [r["step"] for r in rows] == [d["step"] for d in data] == [0, 1, 2]
+    assert [r["step"] for r in rows] == [0, 1, 2]
     cfg, s = dpg.setup(dpg.Config(task="67", prompts=4, rollouts=2, inner_steps=M, credit=credit))  # one process: N = 8, B = 8 / M
-    order = [4 * k + t for t in range(4) for k in range(2)]  # inner step t: rank 0's example t, then rank 1's
     assert s.hp.micro_batch == 8 // M
-    for row, d in zip(rows, data):
-        loss_fn = dpg.target_loss_fn(s, None, [d["tokens"][i] for i in order])
+    order = [4 * k + t for t in range(4) for k in range(2)]  # inner step t: rank 0's example t, then rank 1's
+    for step in (0, 2):
+        if step == 2:
+            s.gen.load_state_dict(torch.load(tmp_path / "after-2-steps.pt", weights_only=False)["generator"])
+        tokens = []
+        for r in range(2):  # rank r's 2 prompts x 2 rollouts, as that rank sampled them
+            monkeypatch.setattr(dpg, "ranks", lambda: 2)
+            monkeypatch.setattr(dpg, "rank", lambda r=r: r)
+            tokens += dpg.rollout(cfg, s, step, cfg.seed * 1_000_003 + step)[0]["tokens"]
+            monkeypatch.undo()
+        loss_fn = dpg.target_loss_fn(s, None, [tokens[i] for i in order])
         phi = s.phi(dpg.inner_sft(loss_fn, s.w0, torch.ones(8), s.hp)).item()
-        assert abs(row["phi"] - phi) <= 1e-6 * abs(phi), (row["step"], row["phi"], phi)
+        assert abs(rows[step]["phi"] - phi) <= 1e-6 * abs(phi), (step, rows[step]["phi"], phi)
 
 
 def two_rank_generator_worker(rank, init_file, out):
