@@ -82,7 +82,7 @@ class Config:
     grad_accum: int = 1
     """K microbatches per inner step"""
     sweep: bool = False
-    """force the reverse sweep (one microbatch's graph at a time); unset, it is picked for targets over 20 M parameters"""
+    """at M >= 2, force the reverse sweep (one microbatch's graph at a time); unset, it is picked for targets over 20 M parameters"""
     seq_len: int = None
     """L: target tokens per example, at least --max-new-tokens (padding counts in the 1/L)"""
     lang: str = "es"
@@ -137,6 +137,15 @@ def check_numbers(cfg):
         bad("min_new_tokens", f"is above --max-new-tokens {cfg.max_new_tokens}: use at most that")
     if cfg.seq_len < cfg.max_new_tokens:
         bad("seq_len", f"is below --max-new-tokens {cfg.max_new_tokens}: responses would be cut; use at least that")
+    if cfg.prompts % ranks():
+        bad("prompts", f"does not split over {ranks()} torchrun ranks: use a multiple of {ranks()}")
+    N = cfg.prompts // ranks() * cfg.rollouts  # this rank's examples (all of them in one process)
+    if not cfg.micro_batch and N % (cfg.inner_steps * cfg.grad_accum):
+        bad("inner_steps", f"with N = prompts x rollouts / ranks = {N} examples: they do not split into M = {cfg.inner_steps} "
+            f"inner steps of K = {cfg.grad_accum} microbatches; change --prompts, --rollouts or --inner-steps")
+    if cfg.credit != "example" and cfg.target != cfg.generator:  # else the two tokenizers are one
+        bad("credit", "pairs each target token with the generator token it came from: use a target that shares the "
+            "generator's tokenizer (--target as --generator)")
     return cfg
 
 
@@ -266,8 +275,8 @@ def dpg_rewards(loss_fn, params, n, phi, hp, sweep=None):
     the shape of n when n is the weights themselves (label_rewards). The true derivative; the official code's is B times it."""
     sweep, p0 = picks_sweep(params, sweep), next(iter(params.values()))
     eps = (n.clone() if torch.is_tensor(n) else torch.ones(n, dtype=p0.dtype, device=p0.device)).requires_grad_(True)
-    # reverse mode through all M steps (sweep: one microbatch's graph at a time)
-    mode = reverse_sweep if sweep else unroll
+    # M = 1: one forward-mode pass; else reverse mode through all M steps (sweep: one microbatch's graph at a time)
+    mode = one_step if n_inner_steps(eps.shape[0], hp) == 1 else reverse_sweep if sweep else unroll
     with named_errors():
         value, r = mode(loss_fn, params, eps, phi, hp)
     return value.detach(), check_rewards(r, hp)
@@ -275,12 +284,35 @@ def dpg_rewards(loss_fn, params, n, phi, hp, sweep=None):
 SWEEP_ABOVE = 20e6  # parameters: above this, dpg_rewards' default is the sweep (memory), below it the unroll (time)
 
 def picks_sweep(params, sweep=None):
-    """dpg_rewards' mode: `sweep` when given, else the sweep above SWEEP_ABOVE parameters; always under torchrun."""
+    """dpg_rewards' mode at M >= 2: `sweep` when given, else the sweep above SWEEP_ABOVE parameters; always under torchrun."""
     return (sum(p.numel() for p in params.values()) > SWEEP_ABOVE if sweep is None else sweep) or ranks() > 1
 
 def leaf(d):
     """The tensors of d as new leaves of the autograd graph: detached, requiring grad."""
     return {n: x.detach().requires_grad_(True) for n, x in d.items()}
+
+def one_step(loss_fn, params, eps, phi, hp):
+    """dPhi/deps at M = 1 with no second-order graph, as the official code does it: examples enter w_1 only through g,
+    so r_j = <grad l_j(w_0), a_g> / B with a_g = dPhi(w_1)/dg, and one forward-mode JVP of the losses along a_g gives
+    every <grad l_j, a_g> (per token or per label too: whatever shape loss_fn returns). Under torchrun a_g is the same on every rank."""
+    if n_inner_steps(eps.shape[0], hp) != 1:
+        raise BadInput(f"one_step is for M = 1 inner step, not {n_inner_steps(eps.shape[0], hp)}: use unroll or reverse_sweep")
+    w0, w = {n: x.detach() for n, x in params.items()}, leaf(params)
+    # only the weights Phi reads need g, w_1 and a tangent (for qr, 67 and l2 the head alone: no backward goes past it)
+    read = {n: w0[n] for n, d in zip(w, torch.autograd.grad(phi(w), list(w.values()), allow_unused=True)) if d is not None}
+    zero, f = dict.fromkeys(read, 0.0), lambda w, idx: loss_fn(w0 | w, idx)  # m_0 = v_0 = 0
+    # g = sum_k (1/B) sum_{j in k} eps_j grad l_j(w_0) ;  w_1 = w_0 - lr U(g)
+    g = inner_step_grad(f, leaf(read), eps.detach(), 0, hp)
+    w1 = leaf(update((read, zero, zero), g, 0, hp)[0])
+    value = phi(w0 | w1)
+    # a_g = dPhi/dg = J_U(g)^T grad Phi(w_1), J_U the update's elementwise Jacobian (lr inside)
+    a_g = dict(zip(read, update_vjp((read, zero, zero), g, 0, hp, (dict(zip(w1, grads(value, list(w1.values())))), zero, zero))[1]))
+    value, g, w, w1 = value.detach(), None, None, None  # at the JVPs' peak: w_0, a_g and one microbatch's forward, as in plain SFT
+    r = torch.zeros_like(eps.detach())
+    for idx in microbatches(0, hp):
+        # r_j = <grad l_j(w_0), a_g> / (R B): the directional derivative of l_j along a_g
+        r[idx] = torch.func.jvp(lambda w: f(w, idx), (read,), (a_g,))[1] / (hp.micro_batch * ranks())
+    return value, r
 
 def unroll(loss_fn, params, eps, phi, hp):
     """dPhi/deps through the full unrolled inner loop (one graph for all M steps)."""
@@ -359,7 +391,7 @@ def named_errors():
         yield
     except (torch.OutOfMemoryError, RuntimeError) as e:
         if "_scaled_dot_product" in str(e):
-            raise RuntimeError("the target uses SDPA attention, which has no double backward: load it with "
+            raise RuntimeError("the target uses SDPA attention, which has no double backward nor forward-mode AD: load it with "
                                "attn_implementation='eager' (or run under sdpa_kernel(SDPBackend.MATH))") from e
         if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e) or "allocate memory" in str(e):
             raise MemoryError("the inner loop ran out of memory: lower --micro-batch B (raise --grad-accum K to "
@@ -616,16 +648,8 @@ def setup(cfg, task=None):
     gen, target = gen.to(dev), target.to(dev)
     w0 = {n: p.detach() for n, p in target.named_parameters()}
     phi, measure = make_task(cfg, target, ttok, w0, task)
-    cfg = dataclasses.replace(cfg, sweep=picks_sweep(w0, cfg.sweep or None))  # the mode the rewards use (summary.json)
-    if cfg.credit != "example" and ttok is not gtok:
-        raise BadInput(f"--credit {cfg.credit} pairs each target token with the generator token it came from: "
-                       "use a target that shares the generator's tokenizer (--target as --generator)")
-    if cfg.prompts % ranks():
-        raise BadInput(f"--prompts {cfg.prompts} does not split over {ranks()} torchrun ranks: use a multiple of {ranks()}")
+    cfg = dataclasses.replace(cfg, sweep=picks_sweep(w0, cfg.sweep or None))  # the mode the rewards use at M >= 2 (summary.json)
     N = cfg.prompts // ranks() * cfg.rollouts  # this rank's examples (all of them in one process)
-    if not cfg.micro_batch and N % (cfg.inner_steps * cfg.grad_accum):
-        raise BadInput(f"N = prompts x rollouts / ranks = {N} examples do not split into M = {cfg.inner_steps} inner steps "
-                       f"of K = {cfg.grad_accum} microbatches: change --prompts, --rollouts or --inner-steps")
     hp = Inner(lr=cfg.inner_lr, micro_batch=cfg.micro_batch or max(1, N // (cfg.inner_steps * cfg.grad_accum)),
                grad_accum=cfg.grad_accum, optimizer=cfg.inner_opt, eps=cfg.inner_eps)
     n_inner_steps(N, hp)
@@ -1184,8 +1208,6 @@ def all_lists(xs):
 
 # ----------------------------------------------------------------------------- benchmark and command line
 
-# ----------------------------------------------------------------------------- benchmark and command line
-
 def benchmark(seq_len=64, micro_batch=8):
     """Cost of exact rewards against plain inner SFT, as ratios measured in this run: each case in a forked child,
     so that its peak RSS is its own (Linux). Prints a markdown table; asserts nothing."""
@@ -1207,16 +1229,18 @@ def benchmark(seq_len=64, micro_batch=8):
             runs.append(q.get() if p.exitcode == 0 else (math.nan, math.nan))
         return min(r[0] for r in runs), min(r[1] for r in runs)
 
-    def row(name, M, N, loss_fn, w0, phi, hp, repeat=2):  # plain SFT, then each way to the exact rewards
+    def row(name, M, N, loss_fn, w0, phi, hp, repeat=2):  # plain SFT, then each way to the exact rewards (one step: M = 1)
+        if M == 1:  # forward mode's first call in a process costs ~1 s once: paid here, before the children fork
+            one_step(loss_fn, w0, torch.ones(N, requires_grad=True), phi, hp)
         plain, cells = measure(lambda: inner_sft(loss_fn, w0, torch.ones(N), hp), repeat), []
-        for mode in (unroll, reverse_sweep):
-            t, m = measure(lambda: mode(loss_fn, w0, torch.ones(N, requires_grad=True), phi, hp), repeat)
-            cells.append(f"{t / plain[0]:.2f}, {m / plain[1]:.2f}")
+        for mode in (one_step, unroll, reverse_sweep) if M == 1 else (None, unroll, reverse_sweep):
+            t, m = measure(lambda: mode(loss_fn, w0, torch.ones(N, requires_grad=True), phi, hp), repeat) if mode else (0, 0)
+            cells.append(f"{t / plain[0]:.2f}, {m / plain[1]:.2f}" if mode else "-")
         print(f"| {name} | {M} | {N} | {plain[0]:.3g} | {plain[1]:.0f} | " + " | ".join(cells) + " |", flush=True)
 
     torch.set_num_threads(1)  # forked children deadlock in an OpenMP pool started before the fork
-    print("| target | M | N | plain SFT s | plain SFT MB | unroll / plain: time, mem | sweep / plain: time, mem |")
-    print("|---|---|---|---|---|---|---|")
+    print("| target | M | N | plain SFT s | plain SFT MB | one step / plain: time, mem | unroll / plain | sweep / plain |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, d, layers in (("tiny d=32 L=2", 32, 2), ("small d=256 L=4", 256, 4)):
         target = untie_head(tiny_lm("llama", 257, d, layers, 0))
         w0 = {k: p.detach() for k, p in target.named_parameters()}

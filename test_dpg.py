@@ -124,6 +124,57 @@ def test_reverse_sweep_equals_unroll(opt):
     assert rel_err(r_sweep, r_unroll) <= 1e-10
 
 
+
+def weighted_losses(credit, model, ids, mask):
+    """(loss_fn, eps) with per-example, per-token or per-label weights, as dpg_rewards and label_rewards build them."""
+    n, L = ids.shape[0], ids.shape[1] - 1
+    if credit == "example":
+        return lambda w, idx: dpg.sequence_losses(model, w, ids[idx], mask[idx]), torch.ones(n, dtype=torch.float64)
+    if credit == "token":
+        return lambda w, idx: dpg.token_losses(model, w, ids[idx], mask[idx]), torch.ones(n, L, dtype=torch.float64)
+    loss_fn = lambda w, idx: -dpg.functional_call(model, w, (ids[idx],), {"attention_mask": mask[idx]}).logits[:, :-1].log_softmax(-1) / L
+    return loss_fn, (F.one_hot(ids[:, 1:], V) * mask[:, 1:, None]).double()
+
+
+@pytest.mark.parametrize("credit", ["example", "token", "label"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("opt,lr,wd,K", [("adam", 3e-2, 1e-4, 2), ("adam", 3e-2, 1e-2, 1), ("sgd", 0.5, 0.0, 2)])
+@pytest.mark.parametrize("head_only", [False, True])
+def test_one_step_jvp_is_the_unroll(credit, arch, opt, lr, wd, K, head_only):
+    """At M = 1 dpg_rewards takes one forward-mode JVP of the losses along dPhi/dg instead of a second-order graph:
+    Phi and every reward equal the full unroll's to 1e-10 in float64, per example, token and label (the labels
+    that were not written too), on padded data, with Adam's weight decay and SGD, K = 1 or 2 microbatches, for a
+    Phi of the whole target and of the head alone (then no backward or tangent reaches the body)."""
+    n = 8
+    model, params, _, phi = setup(arch, n, seed=7)
+    ids, mask = toy_data(n, seed=7)
+    if head_only:
+        W0, S = dpg.lm_head(params).clone(), torch.tensor(dpg.PATTERN_67, dtype=torch.float64)
+        phi = lambda w: dpg.pattern_phi(dpg.lm_head(w), W0, S)
+    loss_fn, eps = weighted_losses(credit, model, ids, mask)
+    hp = dpg.Inner(lr=lr, micro_batch=n // K, grad_accum=K, optimizer=opt, weight_decay=wd)
+    value, r = dpg.dpg_rewards(loss_fn, params, eps, phi, hp)
+    v_unroll, r_unroll = dpg.unroll(loss_fn, params, eps.clone().requires_grad_(True), phi, hp)
+    err = rel_err(r, r_unroll)
+    print(f"\n{credit} {arch} {opt} wd={wd} K={K} head_only={head_only}: rel err {err:.2e}")
+    assert not mask.all() and r.shape == eps.shape and r_unroll.abs().max() > 0
+    assert err <= 1e-10 and abs(value.item() - v_unroll.item()) <= 1e-12 * abs(v_unroll.item())
+    assert not rel_err(r * (1 + 1e-8), r_unroll) <= 1e-10  # the tolerance sees an error of scale of 1e-8
+    if credit == "label":  # labels that were not written get their own rewards: compared on their own
+        off = eps == 0
+        assert r_unroll[off].abs().max() > 0 and rel_err(r[off], r_unroll[off]) <= 1e-10
+
+
+def test_dpg_rewards_takes_the_one_step_jvp_at_m_1_only(monkeypatch):
+    """The mode by M: one_step at M = 1 whatever sweep says, the unroll or the sweep from M = 2 on."""
+    _, params, loss_fn, phi = setup("llama", 4, seed=1)
+    called = []
+    for name in ("one_step", "unroll", "reverse_sweep"):
+        monkeypatch.setattr(dpg, name, lambda *a, name=name: called.append(name) or (torch.tensor(0.0), torch.zeros(4)))
+    for B, sweep in ((4, False), (4, True), (2, False), (2, True)):
+        dpg.dpg_rewards(loss_fn, params, 4, phi, dpg.Inner(lr=3e-2, micro_batch=B), sweep=sweep)
+    assert called == ["one_step", "one_step", "unroll", "reverse_sweep"]
+
 def test_dpg_rewards_default_picks_the_sweep_above_20m_parameters(monkeypatch):
     """sweep=None: the unroll for a small target, the sweep once the weights hold over 20 M numbers (here a
     broadcast tensor of 21 M that Phi ignores); an explicit sweep= wins either way."""
@@ -962,7 +1013,7 @@ def test_user_phi_equal_to_l2_gives_the_rewards_of_task_l2(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--task", "nope"], "unknown task 'nope'"),
     (["--task", "language", "--lang", "xx"], "unknown --lang 'xx'"),
-    (["--prompts", "3", "--rollouts", "3"], "do not split into M = 4 inner steps"),
+    (["--prompts", "3", "--rollouts", "3"], "do not split into M = 4"),
     (["--generator", "no-such-folder/model"], "cannot load model"),
     (["--phi", "nomodule:phi"], "cannot import 'nomodule'"),
     (["--phi", "phis:missing"], "phis has no function 'missing'"),
@@ -1057,14 +1108,14 @@ def test_readme_example_runs_and_raises_its_phi(tmp_path):
 # ----------------------------------------------------------------------------- torchrun: R ranks = one process
 
 
-def two_rank_worker(rank, init_file, out, opt, every):
+def two_rank_worker(rank, init_file, out, opt, every, K):
     """One of 2 gloo ranks: the first / second half of the 16 examples, B = 2 of them per microbatch."""
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     _, params, loss_fn, phi = setup("llama", 16, seed=3)
     mine = torch.arange(8 * rank, 8 * rank + 8)
     local = lambda w, idx: loss_fn(w, mine[idx])
-    hp = dpg.Inner(lr=3e-2, micro_batch=2, grad_accum=2, optimizer=opt)  # M = 8 / (2 x 2) = 2 steps
+    hp = dpg.Inner(lr=3e-2, micro_batch=2, grad_accum=K, optimizer=opt)  # M = 8 / (2 K) steps
     eps = torch.ones(8, dtype=torch.float64, requires_grad=True)
     value, r = dpg.reverse_sweep(local, params, eps, phi, hp, every=every) if every else dpg.dpg_rewards(local, params, 8, phi, hp)
     w = dpg.inner_sft(local, params, torch.ones(8, dtype=torch.float64), hp)
@@ -1072,17 +1123,18 @@ def two_rank_worker(rank, init_file, out, opt, every):
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("opt,every", [("adam", 0), ("adam", 1), ("sgd", 0)])
-def test_two_ranks_give_the_one_process_rewards(tmp_path, opt, every):
-    """2 gloo ranks, each with its 8 of 16 examples, against dpg_rewards in one process on all 16 ordered
-    so that each global microbatch of 4 is rank 0's 2 then rank 1's 2 (M = 2 steps, K = 2): Phi, the
-    trained weights and every reward to 1e-10 in float64. every = 1 also checkpoints every inner state."""
-    torch.multiprocessing.spawn(two_rank_worker, args=(str(tmp_path / "init"), str(tmp_path), opt, every), nprocs=2)
+@pytest.mark.parametrize("opt,every,K", [("adam", 0, 2), ("adam", 1, 2), ("sgd", 0, 2), ("adam", 0, 4), ("sgd", 0, 4)])
+def test_two_ranks_give_the_one_process_rewards(tmp_path, opt, every, K):
+    """2 gloo ranks, each with its 8 of 16 examples, against the unroll in one process on all 16 ordered so
+    that each global microbatch of 4 is rank 0's 2 then rank 1's 2 (K = 2: M = 2 steps, the sweep; K = 4: M = 1,
+    each rank's own JVPs): Phi, the trained weights and every reward to 1e-10 in float64. every = 1 also
+    checkpoints every inner state."""
+    torch.multiprocessing.spawn(two_rank_worker, args=(str(tmp_path / "init"), str(tmp_path), opt, every, K), nprocs=2)
     ranks = [torch.load(tmp_path / f"{k}.pt") for k in range(2)]
     _, params, loss_fn, phi = setup("llama", 16, seed=3)
     order = torch.tensor([8 * k + j for m in range(4) for k in range(2) for j in (2 * m, 2 * m + 1)])
-    hp = dpg.Inner(lr=3e-2, micro_batch=4, grad_accum=2, optimizer=opt)
-    value, r = dpg.dpg_rewards(lambda w, idx: loss_fn(w, order[idx]), params, 16, phi, hp)
+    hp = dpg.Inner(lr=3e-2, micro_batch=4, grad_accum=K, optimizer=opt)
+    value, r = dpg.unroll(lambda w, idx: loss_fn(w, order[idx]), params, torch.ones(16, dtype=torch.float64, requires_grad=True), phi, hp)
     w = dpg.inner_sft(lambda w, idx: loss_fn(w, order[idx]), params, torch.ones(16, dtype=torch.float64), hp)
     r_ranks = torch.cat([x["r"] for x in ranks])[order]  # back to the one-process order
     for x in ranks:
