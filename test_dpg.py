@@ -1036,30 +1036,20 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path, args, message):
     assert os.listdir(out) == ["summary.json"] and (out / "summary.json").read_text() == "an earlier run"
 
 
-@pytest.mark.parametrize("args,flag", [
-    (["--task", "67", "--prompts", "0"], "--prompts"),
-    (["--task", "67", "--seq-len", "0"], "--seq-len"),
-    (["--task", "67", "--temperature", "0"], "--temperature"),
-    (["--task", "uuid", "--inner-lr", "nan"], "--inner-lr"),
-    (["--task", "67", "--steps", "-1"], "--steps"),
-    (["--task", "67", "--rollouts", "1"], "--rollouts"),
-    (["--task", "language", "--lang", "xx"], "--lang"),
-    (["--task", "67", "--generator", "/nonexistent"], "--generator"),
-    (["--task", "67", "--out", "/proc/forbidden"], "--out"),
-    (["--task", "67", "--inner-steps", "0"], "--inner-steps"),
-    (["--task", "67", "--lr", "inf"], "--lr"),
-    (["--task", "67", "--max-kl", "-1"], "--max-kl"),
-    (["--task", "67", "--seq-len", "16"], "--seq-len"),  # the default responses are 32 tokens
-    (["--task", "67", "--min-new-tokens", "40"], "--min-new-tokens"),
-    (["--task", "67", "--log-every", "0"], "--log-every"),
+@pytest.mark.parametrize("task,flag,value", [
+    ("67", "--prompts", "0"), ("67", "--seq-len", "0"), ("67", "--temperature", "0"), ("uuid", "--inner-lr", "nan"),
+    ("67", "--steps", "-1"), ("67", "--rollouts", "1"), ("language", "--lang", "xx"), ("67", "--generator", "/nonexistent"),
+    ("67", "--out", "/proc/forbidden"), ("67", "--inner-steps", "0"), ("67", "--lr", "inf"), ("67", "--max-kl", "-1"),
+    ("67", "--seq-len", "16"),  # the default responses are 32 tokens
+    ("67", "--min-new-tokens", "40"), ("67", "--log-every", "0"),
 ])
-def test_bad_numbers_are_one_line_naming_the_flag(tmp_path, args, flag):
+def test_bad_numbers_are_one_line_naming_the_flag(tmp_path, task, flag, value):
     """Each bad number a new user might type ends with exit 2 and one `error:` line that names the flag, with
     no traceback and no run that reports success; what the output folder held is untouched."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "summary.json").write_text("an earlier run")
-    proc = cli(tmp_path, "--steps", "1", "--out", str(out), *args)  # the flags of args win
+    proc = cli(tmp_path, "--steps", "1", "--out", str(out), "--task", task, flag, value)  # the last --steps, --out win
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert sum("error:" in l for l in lines) == 1 and lines[-1].startswith("dpg.py: error: ") and f"{flag} " in lines[-1], lines[-1]
