@@ -1230,17 +1230,19 @@ def benchmark(seq_len=64, micro_batch=8):
         return min(r[0] for r in runs), min(r[1] for r in runs)
 
     def row(name, M, N, loss_fn, w0, phi, hp, repeat=2):  # plain SFT, then each way to the exact rewards (one step: M = 1)
-        if M == 1:  # forward mode's first call in a process costs ~1 s once: paid here, before the children fork
-            one_step(loss_fn, w0, torch.ones(N, requires_grad=True), phi, hp)
-        plain, cells = measure(lambda: inner_sft(loss_fn, w0, torch.ones(N), hp), repeat), []
-        for mode in (one_step, unroll, reverse_sweep) if M == 1 else (None, unroll, reverse_sweep):
-            t, m = measure(lambda: mode(loss_fn, w0, torch.ones(N, requires_grad=True), phi, hp), repeat) if mode else (0, 0)
-            cells.append(f"{t / plain[0]:.2f}, {m / plain[1]:.2f}" if mode else "-")
+        plain, cells = measure(lambda: inner_sft(loss_fn, w0, torch.ones(N), hp), repeat), [] if M == 1 else ["-"]
+        for mode in ((one_step,) if M == 1 else ()) + (unroll, reverse_sweep):
+            t, m = measure(lambda: mode(loss_fn, w0, torch.ones(N, requires_grad=True), phi, hp), repeat)
+            cells.append(f"{t / plain[0]:.2f}, {m / plain[1]:.2f}")
         print(f"| {name} | {M} | {N} | {plain[0]:.3g} | {plain[1]:.0f} | " + " | ".join(cells) + " |", flush=True)
 
     torch.set_num_threads(1)  # forked children deadlock in an OpenMP pool started before the fork
     print("| target | M | N | plain SFT s | plain SFT MB | one step / plain: time, mem | unroll / plain | sweep / plain |")
     print("|---|---|---|---|---|---|---|---|")
+    # forward mode's first call in a process costs ~1 s: paid once here, before the cases fork, not in each of them
+    tiny, ids = tiny_lm("llama", 257, 32, 2, 0), torch.zeros(2, 9, dtype=torch.long)
+    one_step(lambda w, idx: sequence_losses(tiny, w, ids[idx], torch.ones_like(ids[idx])), dict(tiny.named_parameters()),
+             torch.ones(2, requires_grad=True), lambda w: sum(x.square().sum() for x in w.values()), Inner(micro_batch=2))
     for name, d, layers in (("tiny d=32 L=2", 32, 2), ("small d=256 L=4", 256, 4)):
         target = untie_head(tiny_lm("llama", 257, d, layers, 0))
         w0 = {k: p.detach() for k, p in target.named_parameters()}
