@@ -821,6 +821,21 @@ def test_png_round_trip(tmp_path):
     assert rows[2][2] == 0 and rows[2][4] == 255 and rows[0][0] == 255  # dark module, light module, quiet zone
 
 
+def test_qr_png_decodes_with_opencv(tmp_path):
+    """The QR task's pattern, written as the run writes its patch (dark where S = -1), scans with a standard
+    decoder to the encoded URL; with two data modules flipped it still does (error correction), from noise it reads nothing."""
+    cv2 = pytest.importorskip("cv2", reason="pip install opencv-python-headless to check that QR images scan")
+    S = dpg.pattern("qr")
+    decode = lambda img: (dpg.save_png(str(tmp_path / "qr.png"), img),
+                          cv2.QRCodeDetector().detectAndDecode(cv2.imread(str(tmp_path / "qr.png")))[0])[1]
+    assert decode((S < 0).tolist()) == dpg.QR_TEXT
+    damaged = (S < 0).clone()
+    damaged[20, 20], damaged[12, 12] = ~damaged[20, 20], ~damaged[12, 12]
+    assert decode(damaged.tolist()) == dpg.QR_TEXT
+    noise = torch.rand(S.shape, generator=torch.Generator().manual_seed(0)) < 0.5
+    assert decode(noise.tolist()) == ""
+
+
 # ----------------------------------------------------------------------------- named errors
 
 
