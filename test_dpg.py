@@ -1041,7 +1041,7 @@ def test_user_phi_equal_to_l2_gives_the_rewards_of_task_l2(tmp_path):
     ("67", "--steps", "-1"), ("67", "--rollouts", "1"), ("language", "--lang", "xx"), ("67", "--generator", "/nonexistent"),
     ("67", "--out", "/proc/forbidden"), ("67", "--inner-steps", "0"), ("67", "--lr", "inf"), ("67", "--max-kl", "-1"),
     ("67", "--seq-len", "16"),  # the default responses are 32 tokens
-    ("67", "--min-new-tokens", "40"), ("67", "--log-every", "0"))])
+    ("67", "--min-new-tokens", "40"), ("67", "--log-every", "0"), ("67", "--lr-decay", "1.5"))])
 def test_bad_input_is_one_error_line_and_exit_2(tmp_path, args, message):
     """Input a person can fix (a task, a model, a --phi, every bad number) ends with one line, as argparse reports
     its own errors, and exit status 2, with no run that reports success; what the output folder held is untouched."""
