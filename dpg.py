@@ -64,7 +64,7 @@ class Config:
     lr: float = None
     """generator AdamW learning rate (None: the task's default)"""
     lr_decay: float = None
-    """the generator's lr falls linearly by this share of --lr over the run: 0 constant, 1 to 0 (None: the task's default)"""
+    """the generator's lr falls linearly by this share of --lr over --steps: 0 constant, 1 to 0 (None: the task's default)"""
     clip: float = 1.0
     """generator gradient-norm clip"""
     max_kl: float = None

@@ -942,10 +942,11 @@ def run_cli(out, *extra):
 
 
 def test_resume_gives_the_uninterrupted_run(tmp_path):
-    """4 steps in one go == 2 steps, stop, --resume to 4 (same seed -> same numbers: determinism too)."""
-    whole, whole_rows = run_cli(tmp_path / "a", "--steps", "4")
-    run_cli(tmp_path / "b", "--steps", "2")
-    resumed, resumed_rows = run_cli(tmp_path / "b", "--steps", "4", "--resume")
+    """4 steps in one go == 2 steps, stop, --resume to 4 (same seed -> same numbers: determinism too). A constant
+    lr: with --lr-decay the lr follows --steps, so a 2-step run is not the first half of a 4-step one."""
+    whole, whole_rows = run_cli(tmp_path / "a", "--steps", "4", "--lr-decay", "0")
+    run_cli(tmp_path / "b", "--steps", "2", "--lr-decay", "0")
+    resumed, resumed_rows = run_cli(tmp_path / "b", "--steps", "4", "--resume", "--lr-decay", "0")
     assert resumed == whole and resumed_rows == whole_rows and len(whole_rows) == 4
 
 
