@@ -4,7 +4,7 @@
 # every task; one DPG step with a real model (SmolLM2-135M-Instruct, offline). Writes runs/,
 # results/results.md (medians and ranges over the seeds, which QR images scan), results/oracle.md and the
 # PNGs of seed 0.
-#   bash run_all.sh                                   # about 5 hours on 2 CPU cores (README "Results")
+#   bash run_all.sh                                   # about 4 hours on 2 CPU cores (README "Results")
 #   SEEDS="0" HEAD_SEEDS="0" TASKS="67 uuid" REWARDS=dpg REAL=0 bash run_all.sh
 #   TASKS= REAL=0 ORACLE=0 bash run_all.sh            # only the tables, from the runs already there
 set -euo pipefail
