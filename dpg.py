@@ -461,11 +461,10 @@ def sample(gen, tok, prompts, rollouts, max_new_tokens, temperature, min_new_tok
     the first EOS, texts and token lists (EOS dropped)."""
     tok.padding_side = "left"
     enc = tok(list(prompts), return_tensors="pt", padding=True).to(gen.device)
-    attn, G, eos = enc["attention_mask"], rollouts, tok.eos_token_id
+    ids, attn, G, eos = enc["input_ids"], enc["attention_mask"], rollouts, tok.eos_token_id
     pos = (attn.cumsum(1) - 1).clamp(min=0)  # left padding: positions count real tokens only
-    out = gen(enc["input_ids"], attention_mask=attn, position_ids=pos, use_cache=True)
-    out.past_key_values.batch_repeat_interleave(G)
-    logits, pos, attn = out.logits[:, -1].repeat_interleave(G, 0), pos[:, -1:].repeat_interleave(G, 0), attn.repeat_interleave(G, 0)
+    cache, logits = prompts_once(gen, ids, attn, pos, G)
+    logits, pos, attn = logits[:, -1], pos[:, -1:].repeat_interleave(G, 0), attn.repeat_interleave(G, 0)
     resp, done = [], torch.zeros(len(attn), dtype=torch.bool, device=attn.device)
     for t in range(max_new_tokens):
         z = logits.float() / temperature  # (N, V)
@@ -477,26 +476,30 @@ def sample(gen, tok, prompts, rollouts, max_new_tokens, temperature, min_new_tok
         if done.all() or t == max_new_tokens - 1:
             break
         attn, pos = F.pad(attn, (0, 1), value=1), pos + 1
-        logits = gen(x[:, None], attention_mask=attn, position_ids=pos, past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
+        logits = gen(x[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
     resp = torch.stack(resp, 1)  # (N, Tr)
     is_eos = (resp == eos).long()
     rmask = ((is_eos.cumsum(1) - is_eos) == 0).long()  # nothing after the first EOS
     tokens = [[t for t in row if t != eos] for row in (resp * rmask + eos * (1 - rmask)).tolist()]
-    return dict(ids=torch.cat([enc["input_ids"].repeat_interleave(G, 0), resp], 1), attn=torch.cat([attn[:, :enc["input_ids"].shape[1]], rmask], 1),
-                n_prompt=enc["input_ids"].shape[1], rollouts=G, rmask=rmask, texts=tok.batch_decode(tokens, skip_special_tokens=True),
+    return dict(ids=torch.cat([ids.repeat_interleave(G, 0), resp], 1), attn=torch.cat([attn[:, :ids.shape[1]], rmask], 1),
+                n_prompt=ids.shape[1], rollouts=G, rmask=rmask, texts=tok.batch_decode(tokens, skip_special_tokens=True),
                 tokens=tokens, min_new_tokens=min_new_tokens, eos=eos)
+
+def prompts_once(gen, ids, attn, pos, G):
+    """Each prompt's forward once, its KV cache repeated for its G rollouts (rows p*G .. p*G+G-1 share prompt p):
+    (cache, the first response token's logits (N, 1, V))."""
+    out = gen(ids, attention_mask=attn, position_ids=pos, use_cache=True)
+    out.past_key_values.batch_repeat_interleave(G)
+    return out.past_key_values, out.logits[:, -1:].repeat_interleave(G, 0)
 
 def token_logprobs(gen, batch, temperature, full=False):
     """log pi_theta(x_i,tau | x_i,<tau) of each response token, log-softmax(logits / temperature), 0 after the
     first EOS: (N, Tr); full=True also returns log pi(y | x_i,<tau) of every y, (N, Tr, V)."""
     ids, attn, n, G = batch["ids"], batch["attn"], batch["n_prompt"], batch["rollouts"]
     pos = (attn.cumsum(1) - 1).clamp(min=0)  # left padding: positions count real tokens only
-    # each prompt once (rows p*G .. p*G+G-1 share it), its KV cache repeated for its G responses
-    head = gen(ids[::G, :n], attention_mask=attn[::G, :n], position_ids=pos[::G, :n], use_cache=True)
-    head.past_key_values.batch_repeat_interleave(G)
-    logits = head.logits[:, -1:].repeat_interleave(G, 0)  # (N, 1, V): the first response token
+    cache, logits = prompts_once(gen, ids[::G, :n], attn[::G, :n], pos[::G, :n], G)  # (N, 1, V): the first response token
     if ids.shape[1] > n + 1:
-        tail = gen(ids[:, n:-1], attention_mask=attn[:, :-1], position_ids=pos[:, n:-1], past_key_values=head.past_key_values)
+        tail = gen(ids[:, n:-1], attention_mask=attn[:, :-1], position_ids=pos[:, n:-1], past_key_values=cache)
         logits = torch.cat([logits, tail.logits], 1)
     logits = logits.float() / temperature  # (N, Tr, V)
     logits[:, : batch["min_new_tokens"], batch["eos"]] = -float("inf")  # as sampled: no EOS yet

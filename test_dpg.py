@@ -211,6 +211,7 @@ def test_lr_decay_is_linear_in_the_step(monkeypatch, tmp_path):
     dpg.run(dpg.Config(task="l2", steps=4, prompts=2, rollouts=2, lr=1e-3, lr_decay=0.5, out=str(tmp_path)))
     assert lrs == pytest.approx([1e-3, 0.875e-3, 0.75e-3, 0.625e-3], rel=1e-12)
 
+
 @pytest.mark.parametrize("opt,lr", [("adam", 3e-2), ("sgd", 0.5)])
 def test_token_rewards_sum_to_example_rewards_and_match_finite_differences(opt, lr):
     """--credit token: r_i,tau = dPhi/d eps_i,tau from the same reverse pass. Their row sums are r_i
