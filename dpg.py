@@ -10,7 +10,7 @@ the generator's step, the run loop; plumbing below.
 
     python dpg.py --task uuid                  # tiny offline models, a few minutes on a CPU
     python dpg.py --task 67 --reward naive     # the dataset-level baseline
-    python dpg.py --bench                      # cost of exact rewards vs plain SFT
+    python bench.py rewards                    # cost of exact rewards vs plain SFT (bench.py: the benchmarks)
     python dpg.py --task 67 --generator smollm2 --target smollm2 --steps 1   # a real model, offline
     torchrun --standalone --nproc-per-node 2 dpg.py --task uuid    # data parallel: rewards as in one process
     python -m pytest -q test_dpg.py            # gradients against finite differences & co.
@@ -27,8 +27,10 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import struct
 import sys
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -76,11 +78,11 @@ class Config:
     inner_lr: float = None
     """inner learning rate (None: the task's default)"""
     inner_steps: int = None
-    """M inner optimizer steps over the N examples (None: the task's default)"""
+    """M inner optimizer steps over the N examples (None: the task's default, or N / (B K) with --micro-batch)"""
     inner_eps: float = None
-    """Adam eps of the inner loop, outside the square root (None: the task's default)"""
+    """Adam's epsilon outside the square root in the inner loop, not the paper's eps (None: the task's default)"""
     micro_batch: int = 0
-    """B; 0 = N / (M K)"""
+    """B examples per microbatch; 0 = N / (M K). Give --micro-batch or --inner-steps, not both"""
     grad_accum: int = 1
     """K microbatches per inner step"""
     sweep: bool = False
@@ -101,56 +103,25 @@ class Config:
     """cpu, cuda or mps"""
     sample_bf16: bool = False
     """sample under bf16 autocast; the update's log-probs and the inner loop stay fp32"""
+    update_batch: int = None
+    """sequences per forward/backward pass of the generator's update, in whole groups; 0 = all N (None: all for the tiny generator, else B)"""
     threads: int = 0
     """CPU threads; 0 = 1 for tiny models (OpenMP spin-waiting slows them down on shared cores)"""
     log_every: int = 5
     """steps between success measurements (each costs one plain inner SFT)"""
     out: str = ""
     """output folder (default runs/<task>-<seed>, runs/<task>-naive-<seed> for naive)"""
+    save_every: int = 25
+    """steps between checkpoints; one is also written at the end and on Ctrl-C (0: only then)"""
     resume: bool = False
-    """continue from out/checkpoint.pt"""
-    bench: bool = False
-    """print the cost benchmark of exact rewards instead of training"""
+    """continue the run in --out from its checkpoint.pt (the same flags; --steps may grow)"""
+    overwrite: bool = False
+    """replace the run that --out holds (without it, a folder with a run is refused)"""
     oracle: bool = False
     """print the oracle-data check (Phi after inner SFT on the intended data and on others) instead of training"""
 
 class BadInput(ValueError):
     """Input a person can fix (a task, a flag, a model path, a --phi): the command line prints it as one line."""
-
-def check_numbers(cfg):
-    """Every rule on the numbers of a resolved Config, in one place: a bad one is named with its flag and fix."""
-    def bad(field, why):
-        raise BadInput(f"--{field.replace('_', '-')} {getattr(cfg, field)}: {why}")
-    for f in ("prompts", "max_new_tokens", "seq_len", "inner_steps", "grad_accum", "log_every"):  # counts
-        if not getattr(cfg, f) >= 1:
-            bad(f, "must be a whole number of 1 or more")
-    for f in ("steps", "min_new_tokens", "micro_batch", "pretrain_steps", "threads"):  # 0 has a meaning (Config)
-        if not getattr(cfg, f) >= 0:
-            bad(f, "must be a whole number of 0 or more")
-    for f in ("temperature", "lr", "clip", "inner_lr"):  # rates and scales
-        if not 0 < getattr(cfg, f) < math.inf:
-            bad(f, "must be a finite number above 0")
-    for f in ("max_kl", "inner_eps"):
-        if not 0 <= getattr(cfg, f) < math.inf:
-            bad(f, "must be a finite number, 0 or more")
-    if not 0 <= cfg.lr_decay <= 1:
-        bad("lr_decay", "must be between 0 (a constant lr) and 1 (down to 0 at the last step)")
-    if cfg.rollouts < 2:  # A_i compares r_i with its group's: in a group of one every advantage is 0
-        bad("rollouts", "must be 2 or more: the advantages compare the G rollouts of each prompt, and a group of 1 learns nothing")
-    if cfg.min_new_tokens > cfg.max_new_tokens:
-        bad("min_new_tokens", f"is above --max-new-tokens {cfg.max_new_tokens}: use at most that")
-    if cfg.seq_len < cfg.max_new_tokens:
-        bad("seq_len", f"is below --max-new-tokens {cfg.max_new_tokens}: responses would be cut; use at least that")
-    if cfg.prompts % ranks():
-        bad("prompts", f"does not split over {ranks()} torchrun ranks: use a multiple of {ranks()}")
-    N = cfg.prompts // ranks() * cfg.rollouts  # this rank's examples (all of them in one process)
-    if not cfg.micro_batch and N % (cfg.inner_steps * cfg.grad_accum):
-        bad("inner_steps", f"with N = prompts x rollouts / ranks = {N} examples: they do not split into M = {cfg.inner_steps} "
-            f"inner steps of K = {cfg.grad_accum} microbatches; change --prompts, --rollouts or --inner-steps")
-    if cfg.credit != "example" and cfg.target != cfg.generator:  # else the two tokenizers are one
-        bad("credit", "pairs each target token with the generator token it came from: use a target that shares the "
-            "generator's tokenizer (--target as --generator)")
-    return cfg
 
 
 # ----------------------------------------------------------------------------- the inner SFT A(D, eps)
@@ -179,8 +150,8 @@ class Inner:
     """'adam' (AdamW, optax semantics) or 'sgd' (no momentum, no weight decay)"""
     betas: tuple = (0.9, 0.95)
     """Adam b1, b2"""
-    eps: float = 1e-8
-    """Adam eps, outside the square root"""
+    adam_eps: float = 1e-8
+    """Adam's epsilon, outside the square root (not the paper's eps, the loss weights)"""
     eps_root: float = 1e-9
     """Adam eps_root, inside the square root; 0 makes rows with zero gradient NaN under d/d eps"""
     weight_decay: float = 1e-4
@@ -193,8 +164,7 @@ def grads(value, xs, create_graph=False):
 
 def microbatches(t, hp):
     """Step t (0-based) uses the distinct examples [t*B*K, (t+1)*B*K), in K microbatches of B."""
-    B, K = hp.micro_batch, hp.grad_accum
-    return [torch.arange((t * K + k) * B, (t * K + k + 1) * B) for k in range(K)]
+    return [torch.arange((t * hp.grad_accum + k) * hp.micro_batch, (t * hp.grad_accum + k + 1) * hp.micro_batch) for k in range(hp.grad_accum)]
 
 def microbatch_grad(loss_fn, w, eps, idx, hp, create_graph=False):
     """grad_w (1/B) sum_{j in idx} eps_j l_j(w): one microbatch's share of the step gradient (eps (N, L) with
@@ -224,32 +194,32 @@ def update(state, g, t, hp):
         # m <- b1 m + (1-b1) g ;  v <- b2 v + (1-b2) g^2
         new_m[n] = b1 * m[n] + (1 - b1) * gn
         new_v[n] = b2 * v[n] + (1 - b2) * gn * gn
-        # u = m_hat / (sqrt(v_hat + eps_root) + eps) + wd w ;  w <- w - lr u
+        # u = m_hat / (sqrt(v_hat + eps_root) + adam_eps) + wd w, Adam's update direction ;  w <- w - lr u
         m_hat, v_hat = new_m[n] / (1 - b1 ** (t + 1)), new_v[n] / (1 - b2 ** (t + 1))
-        u = m_hat / (torch.sqrt(v_hat + hp.eps_root) + hp.eps) + hp.weight_decay * w[n]
+        u = m_hat / (torch.sqrt(v_hat + hp.eps_root) + hp.adam_eps) + hp.weight_decay * w[n]
         new_w[n] = w[n] - hp.lr * u
     return new_w, new_m, new_v
 
 def update_vjp(state, g, t, hp, adjoint):
-    """The update's VJP by hand: adjoints (aw, am, av) of the new (w, m, v) -> those of the old (w, m, v),
-    and of g. It recomputes what it needs from (state, g), so nothing of the forward update is stored."""
+    """The update's VJP by hand: adjoints (aw, am, av) of the new (w', m', v') -> those of the old (w, m, v),
+    and a_g, that of g. It recomputes what it needs from (state, g), so nothing of the forward update is stored."""
     (w, m, v), (aw, am, av) = state, adjoint
     if hp.optimizer == "sgd":  # w' = w - lr g
         return (aw, am, av), [-hp.lr * aw[n] for n in w]
     b1, b2 = hp.betas
     c1, c2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
-    new_w, new_m, new_v, ag = {}, {}, {}, []
+    aw_old, am_old, av_old, a_g = {}, {}, {}, []
     for n, gn in zip(w, g):
         m1 = b1 * m[n] + (1 - b1) * gn  # m'
         s = torch.sqrt((b2 * v[n] + (1 - b2) * gn * gn) / c2 + hp.eps_root)  # sqrt(v_hat + eps_root)
-        # w' = w - lr (m'/c1 / (s + eps) + wd w):  dw'/dm' = -lr / (c1 (s + eps)),  dw'/dv' = lr m'/c1 / ((s + eps)^2 2 s c2)
-        am1 = am[n] - hp.lr / (c1 * (s + hp.eps)) * aw[n]
-        av1 = av[n] + hp.lr * m1 / c1 / ((s + hp.eps) ** 2 * 2 * s * c2) * aw[n]
-        new_w[n] = (1 - hp.lr * hp.weight_decay) * aw[n]
+        # w' = w - lr (m'/c1 / (s + de) + wd w), de = adam_eps:  dw'/dm' = -lr / (c1 (s + de)),  dw'/dv' = lr m'/c1 / ((s + de)^2 2 s c2)
+        am1 = am[n] - hp.lr / (c1 * (s + hp.adam_eps)) * aw[n]  # the adjoint of m', through w' too
+        av1 = av[n] + hp.lr * m1 / c1 / ((s + hp.adam_eps) ** 2 * 2 * s * c2) * aw[n]  # that of v'
+        aw_old[n] = (1 - hp.lr * hp.weight_decay) * aw[n]
         # m' = b1 m + (1-b1) g ;  v' = b2 v + (1-b2) g^2
-        new_m[n], new_v[n] = b1 * am1, b2 * av1
-        ag.append((1 - b1) * am1 + 2 * (1 - b2) * gn * av1)
-    return (new_w, new_m, new_v), ag
+        am_old[n], av_old[n] = b1 * am1, b2 * av1
+        a_g.append((1 - b1) * am1 + 2 * (1 - b2) * gn * av1)
+    return (aw_old, am_old, av_old), a_g
 
 def n_inner_steps(n, hp):
     """M = N / (B K); refuses a dataset that does not split into whole steps."""
@@ -273,12 +243,12 @@ def inner_sft(loss_fn, params, eps, hp, create_graph=False):
 
 # ----------------------------------------------------------------------------- exact rewards r_i = dPhi/d eps_i
 
-def dpg_rewards(loss_fn, params, n, phi, hp, sweep=None):
-    """Exact DPG rewards r_i = dPhi(A(D, eps)) / d eps_i at eps = 1, all i at once; phi(w) -> scalar, higher is
-    better. Returns (Phi(A(D)), r): r (N,) for per-example losses, (N, L) for per-token ones (row sums = r_i), or
-    the shape of n when n is the weights themselves (label_rewards). The true derivative; the official code's is B times it."""
+def dpg_rewards(loss_fn, params, eps, phi, hp, sweep=None):
+    """Exact DPG rewards r_i = dPhi(A(D, eps)) / d eps_i at the loss weights eps, all i at once: eps = 1 of shape (N,)
+    for per-example losses, (N, L) for per-token ones (row sums = r_i), (N, L, V) for label_rewards; phi(w) -> scalar,
+    higher is better. Returns (Phi(A(D)), r shaped as eps). The true derivative; the official code's is B times it."""
     sweep, p0 = picks_sweep(params, sweep), next(iter(params.values()))
-    eps = (n.clone() if torch.is_tensor(n) else torch.ones(n, dtype=p0.dtype, device=p0.device)).requires_grad_(True)
+    eps = eps.detach().to(p0).clone().requires_grad_(True)  # on the weights' device and dtype
     # M = 1: one forward-mode pass; else reverse mode through all M steps (sweep: one microbatch's graph at a time)
     mode = one_step if n_inner_steps(eps.shape[0], hp) == 1 else reverse_sweep if sweep else unroll
     with named_errors():
@@ -296,8 +266,8 @@ def leaf(d):
     return {n: x.detach().requires_grad_(True) for n, x in d.items()}
 
 def one_step(loss_fn, params, eps, phi, hp):
-    """dPhi/deps at M = 1 with no second-order graph, as the official code does it: examples enter w_1 only through g,
-    so r_j = <grad l_j(w_0), a_g> / B with a_g = dPhi(w_1)/dg, and one forward-mode JVP of the losses along a_g gives
+    """dPhi/deps at M = 1 with no second-order graph, as the official code does it: examples enter w_1 = w_0 - lr u(g) only
+    through g, so r_j = <grad l_j(w_0), a_g> / B with a_g = dPhi(w_1)/dg, and one forward-mode JVP of the losses along a_g gives
     every <grad l_j, a_g> (per token or per label too: whatever shape loss_fn returns). Under torchrun a_g is the same on every rank."""
     if n_inner_steps(eps.shape[0], hp) != 1:
         raise BadInput(f"one_step is for M = 1 inner step, not {n_inner_steps(eps.shape[0], hp)}: use unroll or reverse_sweep")
@@ -305,11 +275,11 @@ def one_step(loss_fn, params, eps, phi, hp):
     # only the weights Phi reads need g, w_1 and a tangent (for qr, 67 and l2 the head alone: no backward goes past it)
     read = {n: w0[n] for n, d in zip(w, torch.autograd.grad(phi(w), list(w.values()), allow_unused=True)) if d is not None}
     zero, f = dict.fromkeys(read, 0.0), lambda w, idx: loss_fn(w0 | w, idx)  # m_0 = v_0 = 0
-    # g = sum_k (1/B) sum_{j in k} eps_j grad l_j(w_0) ;  w_1 = w_0 - lr U(g)
+    # g = sum_k (1/B) sum_{j in k} eps_j grad l_j(w_0) ;  w_1 = w_0 - lr u(g)
     g = inner_step_grad(f, leaf(read), eps.detach(), 0, hp)
     w1 = leaf(update((read, zero, zero), g, 0, hp)[0])
     value = phi(w0 | w1)
-    # a_g = dPhi/dg = J_U(g)^T grad Phi(w_1), J_U the update's elementwise Jacobian (lr inside)
+    # a_g = dPhi(w_1)/dg = -lr J_u(g)^T grad Phi(w_1), J_u(g) = du/dg the elementwise Jacobian of the update direction u
     a_g = dict(zip(read, update_vjp((read, zero, zero), g, 0, hp, (dict(zip(w1, grads(value, list(w1.values())))), zero, zero))[1]))
     value, g, w, w1 = value.detach(), None, None, None  # at the JVPs' peak: w_0, a_g and one microbatch's forward, as in plain SFT
     r = torch.zeros_like(eps.detach())
@@ -381,10 +351,8 @@ def check_rewards(r, hp):
     """Refuse non-finite rewards with the reason, rather than training on them."""
     if torch.isfinite(r).all():
         return r
-    hint = ""
-    if hp.optimizer == "adam" and hp.eps_root == 0:
-        hint = (" With eps_root = 0, parameters that get no gradient (unused vocabulary rows) put "
-                "sqrt(0) in Adam's denominator, whose derivative is infinite: set eps_root > 0 (1e-9).")
+    hint = (" With eps_root = 0, parameters that get no gradient (unused vocabulary rows) put sqrt(0) in Adam's denominator, "
+            "whose derivative is infinite: set eps_root > 0 (1e-9).") if hp.optimizer == "adam" and hp.eps_root == 0 else ""
     raise FloatingPointError(f"{int((~torch.isfinite(r)).sum())} of {r.numel()} DPG rewards are NaN/inf.{hint}"
                              " Otherwise lower the inner lr or use float64.")
 
@@ -455,10 +423,9 @@ def lm_phi(model, w, ids, mask):
 
 @torch.no_grad()
 def sample(gen, tok, prompts, rollouts, max_new_tokens, temperature, min_new_tokens=0):
-    """G rollouts per prompt, drawn as HF's generate(do_sample=True) draws them, but each prompt's KV cache is
-    computed once for its G rows (generate runs it G times: 3/4 of a head-task step at N = 256). Rows p*G .. p*G+G-1
-    answer prompt p. Returns ids (N, Tp+Tr), attn, n_prompt = Tp, the response mask (N, Tr) up to and including
-    the first EOS, texts and token lists (EOS dropped)."""
+    """G rollouts per prompt, drawn as HF's generate(do_sample=True) draws them, but each prompt's KV cache is computed
+    once and repeated for its G rows p*G .. p*G+G-1 (generate runs it G times). Returns ids (N, Tp+Tr), attn, n_prompt = Tp,
+    the response mask (N, Tr) up to and including the first EOS, texts and token lists (EOS dropped)."""
     tok.padding_side = "left"
     enc = tok(list(prompts), return_tensors="pt", padding=True).to(gen.device)
     ids, attn, G, eos = enc["input_ids"], enc["attention_mask"], rollouts, tok.eos_token_id
@@ -488,29 +455,30 @@ def sample(gen, tok, prompts, rollouts, max_new_tokens, temperature, min_new_tok
 def prompts_once(gen, ids, attn, pos, G):
     """Each prompt's forward once, its KV cache repeated for its G rollouts (rows p*G .. p*G+G-1 share prompt p):
     (cache, the first response token's logits (N, 1, V))."""
-    out = gen(ids, attention_mask=attn, position_ids=pos, use_cache=True)
+    out = gen(ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)  # no (P, Tp, V) logits
     out.past_key_values.batch_repeat_interleave(G)
     return out.past_key_values, out.logits[:, -1:].repeat_interleave(G, 0)
 
-def token_logprobs(gen, batch, temperature, full=False):
-    """log pi_theta(x_i,tau | x_i,<tau) of each response token, log-softmax(logits / temperature), 0 after the
-    first EOS: (N, Tr); full=True also returns log pi(y | x_i,<tau) of every y, (N, Tr, V)."""
-    ids, attn, n, G = batch["ids"], batch["attn"], batch["n_prompt"], batch["rollouts"]
+def token_logprobs(gen, batch, temperature, rows=slice(None)):
+    """log pi_theta(x_i,tau | x_i,<tau) of each response token of the sequences `rows` (whole groups; all by default),
+    log-softmax(logits / temperature), 0 after the first EOS, (n, Tr); and log pi(y | x_i,<tau) of every y, (n, Tr, V)."""
+    ids, attn, n, G = batch["ids"][rows], batch["attn"][rows], batch["n_prompt"], batch["rollouts"]
     pos = (attn.cumsum(1) - 1).clamp(min=0)  # left padding: positions count real tokens only
-    cache, logits = prompts_once(gen, ids[::G, :n], attn[::G, :n], pos[::G, :n], G)  # (N, 1, V): the first response token
+    cache, logits = prompts_once(gen, ids[::G, :n], attn[::G, :n], pos[::G, :n], G)  # (n, 1, V): the first response token
     if ids.shape[1] > n + 1:
         tail = gen(ids[:, n:-1], attention_mask=attn[:, :-1], position_ids=pos[:, n:-1], past_key_values=cache)
         logits = torch.cat([logits, tail.logits], 1)
-    logits = logits.float() / temperature  # (N, Tr, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # (n, Tr, V); bf16 -> fp32, fp64 stays
     logits[:, : batch["min_new_tokens"], batch["eos"]] = -float("inf")  # as sampled: no EOS yet
-    logps = torch.log_softmax(logits, -1)  # (N, Tr, V)
-    logp = logps.gather(-1, ids[:, n:, None])[..., 0] * batch["rmask"]  # (N, Tr)
-    return (logp, logps) if full else logp
+    logps = torch.log_softmax(logits, -1)  # (n, Tr, V)
+    logp = logps.gather(-1, ids[:, n:, None])[..., 0] * batch["rmask"][rows]  # (n, Tr)
+    return logp, logps
 
 def group_advantages(r, group, labels=None):
-    """GRPO's A_i = (r_i - mean_group) / std_group, scale-free: rewards of real models are ~1e-9, so no absolute
-    epsilon (verl's 1e-6 would swamp them); a group whose rewards are all equal (to 1e-6 of the largest) gets A = 0.
-    Per-token r (N, L): the reward-to-go R_i,tau = sum_{tau' >= tau} r_i,tau', centred at each position."""
+    """GRPO's A_i = (r_i - mean_group) / std_group, scale-free: rewards of real models are ~1e-9, so no constant is added
+    to the std (verl's 1e-6 would swamp them); a group whose std is at most 1e-6 of the batch's largest |reward| is flat: A = 0.
+    Per-token r (N, L): the reward-to-go R_i,tau = sum_{tau' >= tau} r_i,tau', centred over the group at each position and
+    divided by the group's std of the sequence totals R_i,0 (one scale per group)."""
     R = r.flip(-1).cumsum(-1).flip(-1) if r.dim() == 2 else r[:, None]
     R = R.view(-1, group, R.shape[-1])  # (P, G, L)
     std = R[..., :1].std(1, keepdim=True) if group > 1 else torch.zeros_like(R[:, :1, :1])
@@ -522,25 +490,35 @@ def group_advantages(r, group, labels=None):
     R, Q = R - r.view_as(R), labels - labels.mean(-1, keepdim=True)
     return ((R - R.mean(1, keepdim=True)) / scale).view(r.shape), Q / torch.where(Q.std() > 0, Q.std(), torch.inf)
 
-def reinforce_step(gen, opt, batch, advantages, temperature, clip, max_kl=0.0, halvings=6, Q=None):
+def reinforce_step(gen, opt, batch, advantages, temperature, clip, max_kl=0.0, halvings=6, Q=None, chunk=0):
     """grad J ~= sum_i A_i grad log pi_theta(x_i): one AdamW step on -mean_i A_i log pi(x_i); per-token A (N, L)
-    weight each token's score (reward-to-go). Returns (loss, KL(pi_old || pi_new) per sequence on the batch,
-    the fraction of the lr taken)."""
-    logp, logps = token_logprobs(gen, batch, temperature, full=True) if Q is not None else (token_logprobs(gen, batch, temperature), None)
-    A = advantages[:, None] if advantages.dim() == 1 else F.pad(advantages, (0, logp.shape[1]))[:, : logp.shape[1]]
-    loss = -(A.detach() * logp).sum(1).mean()
-    if Q is not None:  # every label's reward, written or not: each logit moves along its own, whatever pi(y)
-        Q = F.pad(Q, (0, 0, 0, logp.shape[1]))[:, : logp.shape[1]]
-        # d loss / d z_tau,y = -(Q_tau(y) - mean_y' Q_tau(y')) / N: the tabular natural gradient of a softmax policy
-        loss = loss - ((logps * (Q - Q.mean(-1, keepdim=True)).detach()).sum(-1) * batch["rmask"]).sum(1).mean()
+    weight each token's score (reward-to-go). The forward and backward go `chunk` sequences at a time (whole groups;
+    0 = all), their gradients summed: the same gradient, in memory that does not grow with N. Returns (loss,
+    KL(pi_old || pi_new) per sequence on the batch, the fraction of the lr taken)."""
+    (N, Tr), G = batch["rmask"].shape, batch["rollouts"]
+    U = max(G, chunk // G * G) if chunk else N  # sequences per pass: whole groups, whose prompt is run once
+    rows = [slice(a, a + U) for a in range(0, N, U)]
+    A = advantages[:, None] if advantages.dim() == 1 else F.pad(advantages, (0, Tr))[:, :Tr]
+    Q = None if Q is None else F.pad(Q, (0, 0, 0, Tr))[:, :Tr]
     opt.zero_grad()
-    loss.backward()
+    logp, loss = [], 0.0
+    for c in rows:
+        lp, logps = token_logprobs(gen, batch, temperature, c)
+        part = -(A[c].detach() * lp).sum(1).sum() / N
+        if Q is not None:  # every label's reward, written or not: each logit moves along its own, whatever pi(y)
+            # d loss / d z_tau,y = -(Q_tau(y) - mean_y' Q_tau(y')) / N: the tabular natural gradient of a softmax policy
+            part = part - ((logps * (Q[c] - Q[c].mean(-1, keepdim=True)).detach()).sum(-1) * batch["rmask"][c]).sum(1).sum() / N
+        part.backward()
+        logp.append(lp.detach())
+        loss += part.item()
+        del lp, logps, part  # before the next pass: one pass's (n, Tr, V) at a time
+    logp = torch.cat(logp)
     # torchrun: J is the mean over all R ranks' sequences, so grad J = (1/R) sum_r grad J_r
     all_sum([p.grad for p in gen.parameters() if p.grad is not None], 1 / ranks())
     torch.nn.utils.clip_grad_norm_(gen.parameters(), clip)
     if not max_kl:
         opt.step()
-        return loss.item(), None, 1.0
+        return loss, None, 1.0
     # a trust region: clipping bounds the gradient, not AdamW's step (~lr per weight whatever the gradient), so a
     # step whose KL on its batch exceeds max_kl is undone and retaken at half the lr, up to `halvings` times
     params, lr = list(gen.parameters()), opt.param_groups[0]["lr"]
@@ -550,25 +528,25 @@ def reinforce_step(gen, opt, batch, advantages, temperature, clip, max_kl=0.0, h
         opt.step()
         opt.param_groups[0]["lr"] = lr
         with torch.no_grad():  # KL(pi_old || pi_new), d = log pi_new - log pi_old on tokens drawn from pi_old
-            d = token_logprobs(gen, batch, temperature) - logp.detach()  # (N, Tr), 0 after EOS
+            d = torch.cat([token_logprobs(gen, batch, temperature, c)[0] for c in rows]) - logp  # (N, Tr), 0 after EOS
             # Schulman's k3: sum_tau (e^d - 1 - d) >= 0, whose expectation is the KL at each position
             step_kl = all_sum([(torch.exp(d) - 1 - d).sum(1).mean()], 1 / ranks())[0].item()
         if step_kl <= max_kl:
-            return loss.item(), step_kl, 1 / 2**k
+            return loss, step_kl, 1 / 2**k
         with torch.no_grad():  # rejected: the weights and AdamW's state as they were
             for p, q in zip(params, saved[0]):
                 p.copy_(q)
         opt.load_state_dict(saved[1])
-    return loss.item(), 0.0, 0.0  # nothing fits: this step is skipped
+    return loss, 0.0, 0.0  # nothing fits: this step is skipped
 
 def naive_rewards(loss_fn, params, n, group, phi, hp):
     """Naive baseline: split the batch into G datasets D_k holding rollout k of every prompt,
     train a target on each, and give every member of D_k the same reward Phi(A(D_k))."""
-    r, p0 = torch.empty(n), next(iter(params.values()))
-    hp_k = dataclasses.replace(hp, micro_batch=max(1, hp.micro_batch // group))
+    p0 = next(iter(params.values()))
+    r, hp_k = torch.empty(n, device=p0.device), dataclasses.replace(hp, micro_batch=max(1, hp.micro_batch // group))
     for k in range(group):
         idx = torch.arange(k, n, group)  # (N/G,) one rollout per prompt
-        w = inner_sft(lambda w, j: loss_fn(w, idx[j]), params, torch.ones(len(idx), dtype=p0.dtype), hp_k)
+        w = inner_sft(lambda w, j: loss_fn(w, idx[j]), params, torch.ones(len(idx), dtype=p0.dtype, device=p0.device), hp_k)
         with torch.no_grad():
             r[idx] = phi(w).float()
     return r
@@ -579,8 +557,13 @@ def naive_rewards(loss_fn, params, n, group, phi, hp):
 def run(cfg, task=None):
     """Train the generator with DPG (or the naive baseline) for `task` (default: --phi or --task); write metrics,
     summary, PNG, model. Returns the summary. Under torchrun, rank 0 prints and writes."""
-    cfg, s = setup(cfg, task)
-    out, main_rank = out_dir(cfg, s.task), rank() == 0
+    task = get_task(cfg, task)
+    out, main_rank = out_dir(cfg, task), rank() == 0
+    say = print if main_rank else lambda *a, **k: None
+    ckpt, log_path = os.path.join(out, "checkpoint.pt"), os.path.join(out, "metrics.jsonl")
+    if cfg.resume and not os.path.exists(ckpt):
+        say(f"--resume: {out} holds no checkpoint.pt: starting a fresh run")
+    cfg, s = setup(cfg, task, out)  # refuses a folder with another run, before anything is built or written
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
@@ -588,7 +571,6 @@ def run(cfg, task=None):
     gen, w0, N, G, hp = s.gen, s.w0, s.N, cfg.rollouts, s.hp
     opt = torch.optim.AdamW(gen.parameters(), lr=cfg.lr)
     shape = (N, cfg.seq_len) if cfg.credit == "token" else (N,)  # per-token or per-example rewards
-    say = print if main_rank else lambda *a, **k: None
 
     def evaluate(batch, loss_fn):  # Phi and the success measure after a plain inner SFT on this batch
         w = inner_sft(loss_fn, w0, torch.ones(shape, device=s.dev), hp)
@@ -596,51 +578,75 @@ def run(cfg, task=None):
             return {"phi": s.phi(w).item(), **s.measure(w, all_lists(batch["texts"])),
                     "samples": [readable(s.gtok, t)[:100] for t in batch["tokens"][:: max(1, N // 4)]]}, w  # 4 prompts
 
-    start, elapsed, ckpt, log_path = 0, 0.0, os.path.join(out, "checkpoint.pt"), os.path.join(out, "metrics.jsonl")
-    eval_seed = 1_000_003 * (cfg.seed + 1)
+    def save(done):  # after `done` whole steps, each logged: the generator, AdamW and what a resume checks and needs
+        if main_rank:
+            state = {"format": CHECKPOINT, "config": dataclasses.asdict(cfg), "generator": gen.state_dict(),
+                     "optimizer": opt.state_dict(), "step": done, "seconds": elapsed, "before": before}
+            atomic(ckpt, lambda path: torch.save(state, path))
+        return done
+
+    start, elapsed, eval_seed = 0, 0.0, 1_000_003 * (cfg.seed + 1)
     if cfg.resume and os.path.exists(ckpt):
-        state = torch.load(ckpt, weights_only=False)
+        state = read_checkpoint(ckpt)
         gen.load_state_dict(state["generator"])
         opt.load_state_dict(state["optimizer"])
         start, elapsed, before = state["step"], state["seconds"], state["before"]
         if main_rank:  # keep the rows up to the checkpoint, then append
             atomic(log_path, "".join(open(log_path).readlines()[:start]))
     else:
+        for p in [os.path.join(out, f) for f in RUN_FILES + (f"{cfg.task}.png",) if main_rank]:  # nothing of an older run stays
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p) if os.path.exists(p) else None
         before, _ = evaluate(*rollout(cfg, s, 0, eval_seed))
     say(f"{task_name(cfg, s.task)} {cfg.reward}: N={N * ranks()} examples/step, M={n_inner_steps(N, hp)} inner {hp.optimizer} "
         f"step(s) at lr {hp.lr}" + (f", {ranks()} ranks" if ranks() > 1 else "") + "; before: " + progress(before))
+    done = saved = start  # steps whose update the generator holds, each with its row; the checkpoint's
     with open(log_path if main_rank else os.devnull, "a" if start else "w") as log:
-        for step in range(start, cfg.steps):
-            t0 = time.time()
-            batch, loss_fn = rollout(cfg, s, step, cfg.seed * 1_000_003 + step)
-            Q = None
-            if cfg.credit == "label":  # every label's reward at every position
-                ids, mask = (x.to(s.dev) for x in encode_for_target(s.ttok, None, s.L, batch["tokens"]))
-                value, Q = label_rewards(s.target, w0, ids, mask, s.phi, hp, cfg.sweep)
-                Q[..., s.gtok.eos_token_id] = 0  # writing EOS adds no label
-                r = Q.gather(-1, ids[:, 1:, None])[..., 0] * mask[:, 1:]
-                (adv, Q), r = group_advantages(r, G, Q), r.sum(1)
-            elif cfg.reward == "dpg":
-                value, r = dpg_rewards(loss_fn, w0, shape, s.phi, hp, cfg.sweep)
-                adv, r = group_advantages(r, G), r.view(N, -1).sum(1)
-            else:
-                r = naive_rewards(loss_fn, w0, N, G, s.phi, hp)
-                value, adv = r.mean(), group_advantages(r, N)  # one baseline over the whole batch
-            opt.param_groups[0]["lr"] = cfg.lr * (1 - cfg.lr_decay * step / cfg.steps)  # stateless: a resumed run takes the same lr
-            _, step_kl, lr_taken = reinforce_step(gen, opt, batch, adv.to(s.dev), cfg.temperature, cfg.clip, cfg.max_kl, Q=Q)
-            r_all, n_tok = all_lists(r.tolist()), all_sum([batch["rmask"].sum(1).float().mean()], 1 / ranks())[0]
-            row = {"step": step, "phi": value.item(), "reward_std": torch.tensor(r_all).std().item(), "seconds": time.time() - t0,
-                   "policy_kl": step_kl, "lr_taken": lr_taken, "response_tokens": n_tok.item()}  # watch for collapse to EOS
-            if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                row |= evaluate(batch, loss_fn)[0] | {"phi": value.item()}
-                row["samples"] = row["samples"][:2]
-            elapsed += row["seconds"]
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            say(progress(row), flush=True)
-            if main_rank:
-                state = {"generator": gen.state_dict(), "optimizer": opt.state_dict(), "step": step + 1, "seconds": elapsed, "before": before}
-                atomic(ckpt, lambda path: torch.save(state, path))
+        try:
+            for step in range(start, cfg.steps):
+                if s.dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                t = [time.time()]  # the step's parts: sampling, rewards, measurement, update
+                batch, loss_fn = rollout(cfg, s, step, cfg.seed * 1_000_003 + step)
+                t.append(time.time())
+                Q = None
+                if cfg.credit == "label":  # every label's reward at every position
+                    ids, mask = (x.to(s.dev) for x in encode_for_target(s.ttok, None, s.L, batch["tokens"]))
+                    value, Q = label_rewards(s.target, w0, ids, mask, s.phi, hp, cfg.sweep)
+                    Q[..., s.gtok.eos_token_id] = 0  # writing EOS adds no label
+                    r = Q.gather(-1, ids[:, 1:, None])[..., 0] * mask[:, 1:]
+                    (adv, Q), r = group_advantages(r, G, Q), r.sum(1)
+                elif cfg.reward == "dpg":
+                    value, r = dpg_rewards(loss_fn, w0, torch.ones(shape, device=s.dev), s.phi, hp, cfg.sweep)  # at eps = 1
+                    adv, r = group_advantages(r, G), r.view(N, -1).sum(1)
+                else:
+                    r = naive_rewards(loss_fn, w0, N, G, s.phi, hp)
+                    value, adv = r.mean(), group_advantages(r, N)  # one baseline over the whole batch
+                t.append(time.time())
+                measured = evaluate(batch, loss_fn)[0] if step % cfg.log_every == 0 or step == cfg.steps - 1 else {}
+                t.append(time.time())
+                opt.param_groups[0]["lr"] = cfg.lr * (1 - cfg.lr_decay * step / cfg.steps)  # stateless: a resumed run takes the same lr
+                with sigint_deferred():  # Ctrl-C waits for the update and its row: a step is whole or not begun
+                    _, step_kl, lr_taken = reinforce_step(gen, opt, batch, adv.to(s.dev), cfg.temperature, cfg.clip, cfg.max_kl,
+                                                                  Q=Q, chunk=cfg.update_batch)
+                    t.append(time.time())
+                    parts = {f"{k}_s": b - a for k, a, b in zip(("sample", "rewards", "measure", "update"), t, t[1:])}
+                    r_all, n_tok = all_lists(r.tolist()), all_sum([batch["rmask"].sum(1).float().mean()], 1 / ranks())[0]
+                    row = {"step": step, "phi": value.item(), "reward_std": torch.tensor(r_all).std().item(),
+                           "seconds": t[-1] - t[0] - parts["measure_s"], "policy_kl": step_kl, "lr_taken": lr_taken,
+                           "response_tokens": n_tok.item()} | parts | peak_memory(s.dev)  # response_tokens: watch for collapse to EOS
+                    row |= {k: v[:2] if k == "samples" else v for k, v in measured.items() if k != "phi"}
+                    elapsed += row["seconds"]
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                    done = step + 1
+                say(progress(row), flush=True)
+                saved = save(done) if cfg.save_every and done % cfg.save_every == 0 else saved
+        except KeyboardInterrupt:  # checkpoint the last whole step, unless the last checkpoint holds it
+            if done > saved:
+                save(done)
+            raise
+    if done > saved:
+        save(done)
     after, w = evaluate(*rollout(cfg, s, 0, eval_seed))
     summary = {"task": task_name(cfg, s.task), "reward": cfg.reward, "seed": cfg.seed, "steps": cfg.steps, "seconds": round(elapsed, 1),
                "phi_before": before["phi"], "phi_after": after["phi"]}
@@ -660,10 +666,10 @@ def run(cfg, task=None):
     print(json.dumps(summary))
     return summary
 
-def setup(cfg, task=None):
-    """What a run and the oracle-data check share: models on the device, w0, Phi, measure, the inner hp."""
+def setup(cfg, task=None, out=None):
+    """What a run (into the folder `out`) and the oracle-data check share: models on the device, w0, Phi, measure, hp."""
     task = get_task(cfg, task)
-    cfg = check_numbers(resolve(cfg, task))
+    cfg = check_numbers(resolve(cfg, task), out)
     torch.set_num_threads(cfg.threads or (1 if cfg.generator == cfg.target == "tiny" else os.cpu_count()))
     gen, gtok, target, ttok = build_models(cfg, task.head)
     dev = torch.device(cfg.device)
@@ -671,10 +677,9 @@ def setup(cfg, task=None):
     w0 = {n: p.detach() for n, p in target.named_parameters()}
     phi, measure = make_task(cfg, target, ttok, w0, task)
     cfg = dataclasses.replace(cfg, sweep=picks_sweep(w0, cfg.sweep or None))  # the mode the rewards use at M >= 2 (summary.json)
-    N = cfg.prompts // ranks() * cfg.rollouts  # this rank's examples (all of them in one process)
+    N = n_examples(cfg)
     hp = Inner(lr=cfg.inner_lr, micro_batch=cfg.micro_batch or max(1, N // (cfg.inner_steps * cfg.grad_accum)),
-               grad_accum=cfg.grad_accum, optimizer=cfg.inner_opt, eps=cfg.inner_eps)
-    n_inner_steps(N, hp)
+               grad_accum=cfg.grad_accum, optimizer=cfg.inner_opt, adam_eps=cfg.inner_eps)
     return cfg, SimpleNamespace(task=task, gen=gen, gtok=gtok, target=target, ttok=ttok, dev=dev, w0=w0, phi=phi,
                                 measure=measure, N=N, L=cfg.seq_len, hp=hp, passages=read_passages("en", cfg.data))
 
@@ -694,6 +699,25 @@ def target_loss_fn(s, texts, tokens=None, per_token=False):
     ids, mask = (x.to(s.dev) for x in encode_for_target(s.ttok, texts, s.L, tokens))
     losses = token_losses if per_token else sequence_losses
     return lambda w, idx: losses(s.target, w, ids[idx], mask[idx])
+
+@contextlib.contextmanager
+def sigint_deferred():
+    """Ctrl-C inside the block takes effect at its end (in the main thread: signals reach no other)."""
+    main, caught = threading.current_thread() is threading.main_thread(), []
+    handler = signal.signal(signal.SIGINT, lambda *a: caught.append(a)) if main else None
+    try:
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, handler)
+    if caught and callable(handler):  # Python's own handler raises KeyboardInterrupt here
+        handler(*caught[0])
+
+def peak_memory(dev):
+    """{'cuda_peak_mb': since the step began} on a GPU, else {'rss_peak_mb': the process's peak so far} (Linux, macOS)."""
+    import resource
+    return ({"cuda_peak_mb": torch.cuda.max_memory_allocated(dev) / 2**20} if dev.type == "cuda" else
+            {"rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)})
 
 def progress(row):
     """One line of figures, then the samples (escaped, so byte soup stays readable), one per line."""
@@ -800,8 +824,7 @@ def language_of(text):
 # untrained generator (the pre-trained one never samples the patch's tokens !"#$%&'...); L2 writes exactly 8 tokens.
 _HEAD = dict(pretrain_steps=0, max_kl=1.0, lr_decay=1.0, credit="token", prompts=16, rollouts=16, max_new_tokens=32, min_new_tokens=0, seq_len=32, lr=3e-3,
              inner_opt="adam", inner_lr=1e-4, inner_steps=4, inner_eps=1e-8)
-_LM = dict(pretrain_steps=300, max_kl=1.0, lr_decay=0.0, credit="token", min_new_tokens=0, seq_len=48, lr=3e-3, inner_opt="adam", inner_lr=3e-3,
-           inner_steps=4, inner_eps=1e-8)
+_LM = _HEAD | dict(pretrain_steps=300, lr_decay=0.0, seq_len=48, inner_lr=3e-3)  # the tasks set prompts, rollouts and lengths
 # 67 / QR: one inner step whose Adam eps is near the patch's |g| (~1e-3), so that each pixel's step is a soft
 # sign of its gradient; every label's reward, in logit space; a slower generator
 _PATTERN = _HEAD | dict(credit="label", inner_steps=1, inner_eps=1e-3, lr=1e-3)
@@ -823,6 +846,8 @@ def resolve(cfg, task=None):
     task = get_task(cfg, task)
     if cfg.reward not in ("dpg", "naive") or (cfg.reward == "naive" and ranks() > 1):
         raise BadInput(f"--reward {cfg.reward!r}: choose dpg, or naive in one process (not under torchrun)")
+    if cfg.micro_batch and cfg.inner_steps is not None:
+        raise BadInput(f"--inner-steps {cfg.inner_steps} with --micro-batch {cfg.micro_batch}: give one, the other follows from M = N / (B K)")
     defaults = TASKS["uuid"].defaults | (task.defaults or {})  # a partial dict keeps the rest of uuid's
     if cfg.target != "tiny":  # real targets: the paper's Adam inner loop (lr 5e-6 GPT-2, 1e-6 Llama-1B)
         lm_task = not task.head
@@ -833,7 +858,12 @@ def resolve(cfg, task=None):
     defaults["seq_len"] = max(defaults["seq_len"], cfg.max_new_tokens or defaults["max_new_tokens"])  # responses are not cut
     if cfg.reward == "naive" or cfg.target != "tiny" or cfg.generator != "tiny":
         defaults["credit"] = "example"  # one Phi per dataset; or tokenizers that may differ: the paper's credit
+    defaults["update_batch"] = 0 if cfg.generator == "tiny" else None  # tiny: one pass; else B, below
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+    N, K = n_examples(cfg), max(1, cfg.grad_accum)  # (check_numbers refuses bad numbers after this)
+    M = max(1, N // abs(cfg.micro_batch * K)) if cfg.micro_batch else cfg.inner_steps  # given B: M = N / (B K)
+    B = cfg.micro_batch or max(1, N // max(1, M * K))  # the update's default: as many sequences at a time as the inner microbatch
+    cfg = dataclasses.replace(cfg, inner_steps=M, update_batch=B if cfg.update_batch is None else cfg.update_batch)
     if cfg.credit not in ("example", "token", "label") or (cfg.credit != "example" and cfg.reward != "dpg"):
         raise BadInput(f"--credit {cfg.credit!r}: choose example, or token or label with --reward dpg")
     return cfg
@@ -865,6 +895,75 @@ def out_dir(cfg, task):
     """--out, else runs/<task>-<seed> (runs/<task>-naive-<seed> for the naive baseline)."""
     return cfg.out or os.path.join("runs", f"{task_name(cfg, task)}-{'naive-' if cfg.reward == 'naive' else ''}{cfg.seed}")
 
+def check_numbers(cfg, out=None):
+    """Every rule on the numbers of a resolved Config, and on the run folder `out` that it will write, in one
+    place: a bad one is named with its flag and fix before anything is built or written."""
+    def bad(field, why):
+        raise BadInput(f"--{field.replace('_', '-')} {getattr(cfg, field)}: {why}")
+    counts = dict.fromkeys(("prompts", "max_new_tokens", "seq_len", "inner_steps", "grad_accum", "log_every"), 1)
+    for f, least in (counts | dict.fromkeys(("steps", "min_new_tokens", "micro_batch", "pretrain_steps", "threads", "update_batch",
+                                             "save_every"), 0)).items():  # 0 has a meaning in the second group (Config)
+        if not getattr(cfg, f) >= least:
+            bad(f, f"must be a whole number of {least} or more")
+    for f in ("temperature", "lr", "clip", "inner_lr"):  # rates and scales
+        if not 0 < getattr(cfg, f) < math.inf:
+            bad(f, "must be a finite number above 0")
+    for f in ("max_kl", "inner_eps"):
+        if not 0 <= getattr(cfg, f) < math.inf:
+            bad(f, "must be a finite number, 0 or more")
+    if not 0 <= cfg.lr_decay <= 1:
+        bad("lr_decay", "must be between 0 (a constant lr) and 1 (down to 0 at the last step)")
+    if cfg.rollouts < 2:  # A_i compares r_i with its group's: in a group of one every advantage is 0
+        bad("rollouts", "must be 2 or more: the advantages compare the G rollouts of each prompt, and a group of 1 learns nothing")
+    if cfg.min_new_tokens > cfg.max_new_tokens:
+        bad("min_new_tokens", f"is above --max-new-tokens {cfg.max_new_tokens}: use at most that")
+    if cfg.seq_len < cfg.max_new_tokens:
+        bad("seq_len", f"is below --max-new-tokens {cfg.max_new_tokens}: responses would be cut; use at least that")
+    if cfg.prompts % ranks():
+        bad("prompts", f"does not split over {ranks()} torchrun ranks: use a multiple of {ranks()}")
+    N = n_examples(cfg)
+    if N % ((cfg.micro_batch or cfg.inner_steps) * cfg.grad_accum):  # N = M K B, given M or B
+        into = f"M = {cfg.inner_steps} inner steps of K = {cfg.grad_accum} microbatches" + (f" of B = {cfg.micro_batch}" if cfg.micro_batch else "")
+        bad("micro_batch" if cfg.micro_batch else "inner_steps", f"with N = prompts x rollouts / ranks = {N} examples: they do not split "
+            f"into {into}; change --prompts, --rollouts, --grad-accum or this flag")
+    if cfg.credit != "example" and cfg.target != cfg.generator:  # else the two tokenizers are one
+        bad("credit", "pairs each target token with the generator token it came from: use a target that shares the "
+            "generator's tokenizer (--target as --generator)")
+    ckpt = out and os.path.join(out, "checkpoint.pt")  # out: the folder of a run (None: --oracle, which writes none)
+    held = [f for f in RUN_FILES[:3] if out and os.path.exists(os.path.join(out, f))]
+    if cfg.resume and ckpt and os.path.exists(ckpt):  # the checkpoint's run, and no other, goes on
+        old = read_checkpoint(ckpt)
+        differ = [f"--{k.replace('_', '-')} {old['config'].get(k)} (the run's) against {v}" for k, v in dataclasses.asdict(cfg).items()
+                  if k not in RESUMABLE and old["config"].get(k) != v]
+        if differ:
+            raise BadInput(f"--resume: {out} holds another run; differing: {'; '.join(differ)}. Resume with its flags, or use another --out")
+        if cfg.steps < old["step"]:
+            bad("steps", f"is below the {old['step']} steps that the run in {out} has done: resume with at least that many")
+    elif held and not cfg.resume and not cfg.overwrite:
+        raise BadInput(f"--out {out} already holds a run ({', '.join(held)}): continue it with --resume, or choose another "
+                       "--out (--overwrite replaces it)")
+    return cfg
+
+def n_examples(cfg):
+    """N, this rank's examples per generator step: prompts x rollouts / ranks (all of them in one process)."""
+    return cfg.prompts // ranks() * cfg.rollouts
+
+RUN_FILES = ("checkpoint.pt", "summary.json", "metrics.jsonl", "generator")  # what a run writes (and the task's PNG)
+RESUMABLE = {"steps", "log_every", "out", "resume", "overwrite", "save_every", "update_batch", "threads", "sweep", "oracle"}
+CHECKPOINT = 2  # the checkpoint format: version 2 keeps the resolved config
+
+def read_checkpoint(path):
+    """A checkpoint written by this dpg.py (on the CPU), or a BadInput that names the file and what to do."""
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True)
+        why = "" if state.get("format") == CHECKPOINT else f"format {state.get('format', 1)}, this dpg.py reads {CHECKPOINT}"
+    except Exception as e:  # cut short or not a checkpoint: never a traceback, nor a fresh start over it
+        why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+    if why:
+        raise BadInput(f"--resume: {path} cannot be read ({why}): it is cut short or not a checkpoint of this dpg.py; "
+                       "put a whole copy back, or start again with --overwrite or another --out")
+    return state
+
 def uuid_in_greedy(gen, tok, passages, cfg):
     """Does the exact UUID appear in the generator's greedy answer to any of 4 prompts?"""
     tok.padding_side = "left"
@@ -874,9 +973,8 @@ def uuid_in_greedy(gen, tok, passages, cfg):
 
 
 # ----------------------------------------------------------------------------- the oracle-data check
-# Before any RL: is the intended behaviour Phi's optimum under the inner regime? Phi after the task's inner SFT
-# on data that shows the effect must beat every other kind of data, or DPG, which climbs Phi exactly, is right
-# not to produce the effect.
+# Before any RL: is the intended behaviour Phi's optimum under the inner regime? Phi after the task's inner SFT on data
+# that shows the effect must beat every other kind of data, or DPG, which climbs Phi exactly, is right not to produce it.
 
 def pattern_data(target, S, n, length, bos, steps=1):
     """67 / QR by hand: n examples "x v x' v' ...", each label v (a patch column) after a context token x chosen
@@ -893,10 +991,10 @@ def pattern_data(target, S, n, length, bos, steps=1):
             v = (rows * (length // 2) + k) % c  # the column each example writes next
             col = rows * steps // n * c + v
             with torch.no_grad():  # the prefix once, then every candidate as one more token (KV cache)
-                cache = target.base_model(toks[rows], use_cache=True).past_key_values
+                cache = target.base_model(toks[rows].to(target.device), use_cache=True).past_key_values
                 cache.batch_repeat_interleave(len(cands))
-                h = target.base_model(cands.repeat(len(rows))[:, None], past_key_values=cache).last_hidden_state
-            h = h[:, -1, :r].reshape(len(rows), len(cands), r)  # (rows, C, r)
+                h = target.base_model(cands.repeat(len(rows))[:, None].to(target.device), past_key_values=cache).last_hidden_state
+            h = h[:, -1, :r].reshape(len(rows), len(cands), r).cpu()  # (rows, C, r)
             # a capped margin: every sign right beats a large margin on a few
             score = torch.clamp(S[:, v].T[:, None] * (A[:, col].T[:, None] + h), max=4 * h.abs().mean()).sum(-1)
             best = score.argmax(1)
@@ -911,7 +1009,7 @@ def least_likely_data(target, n, length, bos):
     x = torch.cat([torch.full((n, 1), bos), torch.arange(n)[:, None] % min(256, target.config.vocab_size)], 1)
     with torch.no_grad():
         for _ in range(length - 1):
-            x = torch.cat([x, target(x).logits[:, -1].argmin(-1, keepdim=True)], 1)
+            x = torch.cat([x, target(x.to(target.device)).logits[:, -1].argmin(-1, keepdim=True).cpu()], 1)
     return x[:, 1:].tolist()
 
 def oracle_data(cfg, s):
@@ -930,10 +1028,9 @@ def oracle_data(cfg, s):
         intended = ("the UUID", cycle(ids([UUID])))
     else:
         intended = (f"held-out {cfg.lang} passages", cycle(ids(read_passages(cfg.lang, cfg.data)[PHI_PASSAGES:])))
-    g = torch.Generator().manual_seed(cfg.seed)
     batch, _ = rollout(cfg, s, 0, 1_000_003 * (cfg.seed + 1))
     return dict([intended, ("English passages", cycle(ids(s.passages))),
-                 ("random tokens", torch.randint(0, min(256, len(tok)), (N, L), generator=g).tolist()),
+                 ("random tokens", torch.randint(0, min(256, len(tok)), (N, L), generator=torch.Generator().manual_seed(cfg.seed)).tolist()),
                  ("the untrained generator", batch["tokens"] if s.ttok is s.gtok else ids(batch["texts"]))])
 
 def oracle_check(cfg):
@@ -1059,8 +1156,7 @@ def pretrain(model, tok, texts, steps, seed, seq_len=64, batch=16, lr=3e-3, cach
     for _ in range(steps):
         starts = torch.randint(0, len(data) - seq_len, (batch,), generator=g).tolist()
         x = torch.stack([data[s: s + seq_len] for s in starts])  # (batch, seq_len)
-        logits = model(x).logits[:, :-1]  # (batch, seq_len - 1, V): next-token prediction
-        loss = F.cross_entropy(logits.transpose(1, 2), x[:, 1:])
+        loss = F.cross_entropy(model(x).logits[:, :-1].transpose(1, 2), x[:, 1:])  # next-token prediction
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -1229,73 +1325,13 @@ def all_lists(xs):
     return [x for part in out for x in part]
 
 
-# ----------------------------------------------------------------------------- benchmark and command line
-
-def benchmark(seq_len=64, micro_batch=8):
-    """Cost of exact rewards against plain inner SFT, as ratios measured in this run: each case in a forked child,
-    so that its peak RSS is its own (Linux). Prints a markdown table; asserts nothing."""
-    import multiprocessing as mp
-    import resource
-
-    def child(fn, q):
-        rss0 = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-        t0 = time.perf_counter()
-        fn()
-        q.put((time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0))
-
-    def measure(fn, repeat=2):  # (seconds, extra peak MB), best of `repeat`; nan if the child died (out of memory)
-        ctx, runs = mp.get_context("fork"), []
-        for _ in range(repeat):
-            q = ctx.Queue()
-            (p := ctx.Process(target=child, args=(fn, q))).start()
-            p.join()
-            runs.append(q.get() if p.exitcode == 0 else (math.nan, math.nan))
-        return min(r[0] for r in runs), min(r[1] for r in runs)
-
-    def row(name, M, N, loss_fn, w0, phi, hp, repeat=2):  # plain SFT, then each way to the exact rewards (one step: M = 1)
-        plain, cells = measure(lambda: inner_sft(loss_fn, w0, torch.ones(N), hp), repeat), [] if M == 1 else ["-"]
-        for mode in ((one_step,) if M == 1 else ()) + (unroll, reverse_sweep):
-            t, m = measure(lambda: mode(loss_fn, w0, torch.ones(N, requires_grad=True), phi, hp), repeat)
-            cells.append(f"{t / plain[0]:.2f}, {m / plain[1]:.2f}")
-        print(f"| {name} | {M} | {N} | {plain[0]:.3g} | {plain[1]:.0f} | " + " | ".join(cells) + " |", flush=True)
-
-    torch.set_num_threads(1)  # forked children deadlock in an OpenMP pool started before the fork
-    print("| target | M | N | plain SFT s | plain SFT MB | one step / plain: time, mem | unroll / plain | sweep / plain |")
-    print("|---|---|---|---|---|---|---|---|")
-    # forward mode's first call in a process costs ~1 s: paid once here, before the cases fork, not in each of them
-    tiny, ids = tiny_lm("llama", 257, 32, 2, 0), torch.zeros(2, 9, dtype=torch.long)
-    one_step(lambda w, idx: sequence_losses(tiny, w, ids[idx], torch.ones_like(ids[idx])), dict(tiny.named_parameters()),
-             torch.ones(2, requires_grad=True), lambda w: sum(x.square().sum() for x in w.values()), Inner(micro_batch=2))
-    for name, d, layers in (("tiny d=32 L=2", 32, 2), ("small d=256 L=4", 256, 4)):
-        target = untie_head(tiny_lm("llama", 257, d, layers, 0))
-        w0 = {k: p.detach() for k, p in target.named_parameters()}
-        S = pattern("67")
-        phi = lambda w: pattern_phi(lm_head(w), lm_head(w0), S)
-        for M in (1, 2, 4, 8):
-            N = micro_batch * M
-            ids = torch.randint(0, 256, (N, seq_len + 1), generator=torch.Generator().manual_seed(M))
-            mask = torch.ones_like(ids)
-            row(name, M, N, lambda w, idx: sequence_losses(target, w, ids[idx], mask[idx]), w0, phi, Inner(lr=1e-3, micro_batch=micro_batch))
-    try:  # a real model as target: SmolLM2-135M-Instruct, 16 examples x 64 tokens, M = 1 step of K = 2 microbatches of 8
-        target, tok = load_model("smollm2")
-    except BadInput as e:
-        print(f"(no SmolLM2-135M row: {e})")
-    else:
-        w0 = {k: p.detach() for k, p in target.named_parameters()}
-        ids = torch.randint(0, len(tok), (16, seq_len + 1), generator=torch.Generator().manual_seed(0))
-        u_ids, u_mask = encode_for_target(tok, [UUID], 24)
-        row("SmolLM2-135M (K=2)", 1, 16, lambda w, idx: sequence_losses(target, w, ids[idx], torch.ones_like(ids[idx])), w0,
-            lambda w: lm_phi(target, w, u_ids, u_mask), Inner(lr=1e-6, micro_batch=micro_batch, grad_accum=2), repeat=1)  # Phi: the UUID
+# ----------------------------------------------------------------------------- command line
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
-            p.add_argument(flag, action="store_true")
-        else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-            p.add_argument(flag, type=typ, default=f.default)
+    for f in dataclasses.fields(Config):  # every field a --flag; a bool is a switch
+        typ = {"int": int, "float": float, "bool": bool}.get(getattr(f.type, "__name__", f.type), str)
+        p.add_argument("--" + f.name.replace("_", "-"), **{"action": "store_true"} if typ is bool else {"type": typ, "default": f.default})
     cfg = Config(**vars(p.parse_args(argv)))
     R = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
     if R > 1 and not torch.distributed.is_initialized():
@@ -1303,9 +1339,9 @@ def main(argv=None):
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         torch.distributed.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
     try:
-        if R > 1 and (cfg.bench or cfg.oracle):
-            raise BadInput("--bench and --oracle run in one process: start them with python, not torchrun")
-        result = benchmark() if cfg.bench else oracle_check(cfg) if cfg.oracle else run(cfg)
+        if R > 1 and cfg.oracle:
+            raise BadInput("--oracle runs in one process: start it with python, not torchrun")
+        result = oracle_check(cfg) if cfg.oracle else run(cfg)
         if R > 1:  # rank 0 may still be writing: no rank tears the process group down before it is done
             torch.distributed.barrier()
         return result

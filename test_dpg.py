@@ -106,7 +106,7 @@ def test_rewards_match_finite_differences(arch, opt, lr):
     n = 12  # B=2, K=2 -> M=3 inner steps; toy_data pads most examples
     _, params, loss_fn, phi = setup(arch, n)
     hp = dpg.Inner(lr=lr, micro_batch=2, grad_accum=2, optimizer=opt)
-    value, r = dpg.dpg_rewards(loss_fn, params, n, phi, hp)
+    value, r = dpg.dpg_rewards(loss_fn, params, torch.ones(n), phi, hp)
     fd = fd_rewards(loss_fn, params, n, phi, hp)
     err = rel_err(r, fd)
     print(f"\n{arch} {opt}: Phi={value.item():.6f} max|r|={r.abs().max().item():.3e} rel err vs FD {err:.2e}")
@@ -119,8 +119,8 @@ def test_reverse_sweep_equals_unroll(opt):
     """Two implementations of the same derivative: full unroll and step-by-step reverse sweep."""
     _, params, loss_fn, phi = setup("llama", 12, seed=1)
     hp = dpg.Inner(lr=3e-2, micro_batch=2, grad_accum=2, optimizer=opt)
-    _, r_unroll = dpg.dpg_rewards(loss_fn, params, 12, phi, hp)
-    _, r_sweep = dpg.dpg_rewards(loss_fn, params, 12, phi, hp, sweep=True)
+    _, r_unroll = dpg.dpg_rewards(loss_fn, params, torch.ones(12), phi, hp)
+    _, r_sweep = dpg.dpg_rewards(loss_fn, params, torch.ones(12), phi, hp, sweep=True)
     assert rel_err(r_sweep, r_unroll) <= 1e-10
 
 
@@ -172,7 +172,7 @@ def test_dpg_rewards_takes_the_one_step_jvp_at_m_1_only(monkeypatch):
     for name in ("one_step", "unroll", "reverse_sweep"):
         monkeypatch.setattr(dpg, name, lambda *a, name=name: called.append(name) or (torch.tensor(0.0), torch.zeros(4)))
     for B, sweep in ((4, False), (4, True), (2, False), (2, True)):
-        dpg.dpg_rewards(loss_fn, params, 4, phi, dpg.Inner(lr=3e-2, micro_batch=B), sweep=sweep)
+        dpg.dpg_rewards(loss_fn, params, torch.ones(4), phi, dpg.Inner(lr=3e-2, micro_batch=B), sweep=sweep)
     assert called == ["one_step", "one_step", "unroll", "reverse_sweep"]
 
 def test_dpg_rewards_default_picks_the_sweep_above_20m_parameters(monkeypatch):
@@ -184,7 +184,7 @@ def test_dpg_rewards_default_picks_the_sweep_above_20m_parameters(monkeypatch):
         monkeypatch.setattr(dpg, name, lambda *a, name=name: called.append(name) or (torch.tensor(0.0), torch.zeros(4)))
     big = params | {"extra": torch.zeros(1).expand(21_000_000)}
     for p, sweep in ((params, None), (big, None), (big, False), (params, True)):
-        dpg.dpg_rewards(loss_fn, p, 4, phi, dpg.Inner(lr=3e-2, micro_batch=2), sweep=sweep)
+        dpg.dpg_rewards(loss_fn, p, torch.ones(4), phi, dpg.Inner(lr=3e-2, micro_batch=2), sweep=sweep)
     assert called == ["unroll", "reverse_sweep", "unroll", "reverse_sweep"]
 
 
@@ -212,6 +212,16 @@ def test_lr_decay_is_linear_in_the_step(monkeypatch, tmp_path):
     assert lrs == pytest.approx([1e-3, 0.875e-3, 0.75e-3, 0.625e-3], rel=1e-12)
 
 
+def test_checkpoints_every_save_every_steps_and_at_the_end(monkeypatch, tmp_path):
+    """--save-every 2 over 5 steps writes the checkpoint after steps 2, 4 and 5 (the end), each with its config,
+    seen by a recorder around torch.save."""
+    saved, save = [], torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, path: (saved.append(obj.get("step") if isinstance(obj, dict) else None), save(obj, path)))
+    dpg.run(dpg.Config(task="l2", steps=5, prompts=2, rollouts=2, save_every=2, out=str(tmp_path)))
+    assert [x for x in saved if x is not None] == [2, 4, 5]
+    assert torch.load(tmp_path / "checkpoint.pt")["config"]["save_every"] == 2
+
+
 @pytest.mark.parametrize("opt,lr", [("adam", 3e-2), ("sgd", 0.5)])
 def test_token_rewards_sum_to_example_rewards_and_match_finite_differences(opt, lr):
     """--credit token: r_i,tau = dPhi/d eps_i,tau from the same reverse pass. Their row sums are r_i
@@ -221,9 +231,9 @@ def test_token_rewards_sum_to_example_rewards_and_match_finite_differences(opt, 
     ids, mask = toy_data(n, seed=3)
     tok_fn = lambda w, idx: dpg.token_losses(model, w, ids[idx], mask[idx])  # (len(idx), L)
     hp = dpg.Inner(lr=lr, micro_batch=2, grad_accum=2, optimizer=opt)
-    _, r = dpg.dpg_rewards(loss_fn, params, n, phi, hp)
-    value, r_tok = dpg.dpg_rewards(tok_fn, params, (n, ids.shape[1] - 1), phi, hp)
-    _, r_sweep = dpg.dpg_rewards(tok_fn, params, (n, ids.shape[1] - 1), phi, hp, sweep=True)
+    _, r = dpg.dpg_rewards(loss_fn, params, torch.ones(n), phi, hp)
+    value, r_tok = dpg.dpg_rewards(tok_fn, params, torch.ones(n, ids.shape[1] - 1), phi, hp)
+    _, r_sweep = dpg.dpg_rewards(tok_fn, params, torch.ones(n, ids.shape[1] - 1), phi, hp, sweep=True)
     assert r_tok.shape == (n, ids.shape[1] - 1) and rel_err(r_tok.sum(1), r) <= 1e-10
     assert rel_err(r_sweep, r_tok) <= 1e-10
     assert (r_tok[~mask[:, 1:].bool()] == 0).all()  # padding is no token: no reward
@@ -253,7 +263,7 @@ def test_label_rewards_are_token_rewards_and_match_finite_differences(opt, lr, K
     hp = dpg.Inner(lr=lr, micro_batch=2, grad_accum=K, optimizer=opt)
     L = ids.shape[1] - 1
     value, r = dpg.label_rewards(model, params, ids, mask, phi, hp, sweep)
-    v_tok, r_tok = dpg.dpg_rewards(tok_fn, params, (n, L), phi, hp)
+    v_tok, r_tok = dpg.dpg_rewards(tok_fn, params, torch.ones(n, L), phi, hp)
     assert r.shape == (n, L, V) and abs(value - v_tok) <= 1e-12
     assert rel_err(r.gather(-1, ids[:, 1:, None])[..., 0] * mask[:, 1:], r_tok) <= 1e-10
     for j, t, y in [(0, 1, 5), (1, 0, 2), (3, 3, 11), (2, 4, 7)]:  # (2, 4): after example 2's last token
@@ -315,7 +325,7 @@ def test_reverse_sweep_checkpoints_give_the_unroll(every):
     _, params, loss_fn, phi = setup("gpt2", 12, seed=5)
     hp = dpg.Inner(lr=3e-2, micro_batch=1, grad_accum=2)
     eps = torch.ones(12, dtype=torch.float64, requires_grad=True)
-    _, r_unroll = dpg.dpg_rewards(loss_fn, params, 12, phi, hp)
+    _, r_unroll = dpg.dpg_rewards(loss_fn, params, torch.ones(12), phi, hp)
     value, r = dpg.reverse_sweep(loss_fn, params, eps, phi, hp, every=every)
     assert rel_err(r, r_unroll) <= 1e-10
 
@@ -344,7 +354,7 @@ def test_sgd_one_step_closed_form():
     n, lr = 6, 0.3
     _, params, loss_fn, phi = setup("gpt2", n)
     hp = dpg.Inner(lr=lr, micro_batch=n, optimizer="sgd")
-    _, r = dpg.dpg_rewards(loss_fn, params, n, phi, hp)
+    _, r = dpg.dpg_rewards(loss_fn, params, torch.ones(n), phi, hp)
     w1 = dpg.inner_sft(loss_fn, params, torch.ones(n, dtype=torch.float64), hp)
     oracle = -(lr / n) * per_example_grads(loss_fn, params, n) @ grad_phi(phi, w1)
     assert rel_err(r, oracle) <= 1e-8
@@ -356,13 +366,13 @@ def test_adam_one_step_closed_form(eps):
     # du/dg = (eps_root/s + eps)/(s + eps)^2 and r_j = -lr < grad Phi(w_1), du/dg * grad l_j(w_0) / B >
     n, lr, eps_root = 6, 1e-2, 1e-6  # eps_root large enough that du/dg is not negligible
     _, params, loss_fn, phi = setup("llama", n)
-    hp = dpg.Inner(lr=lr, micro_batch=n, optimizer="adam", eps_root=eps_root, eps=eps)
-    _, r = dpg.dpg_rewards(loss_fn, params, n, phi, hp)
+    hp = dpg.Inner(lr=lr, micro_batch=n, optimizer="adam", eps_root=eps_root, adam_eps=eps)
+    _, r = dpg.dpg_rewards(loss_fn, params, torch.ones(n), phi, hp)
     w1 = dpg.inner_sft(loss_fn, params, torch.ones(n, dtype=torch.float64), hp)
     G = per_example_grads(loss_fn, params, n)  # (n, P)
     g = G.mean(0)
     s = torch.sqrt(g * g + eps_root)
-    du_dg = (eps_root / s + hp.eps) / (s + hp.eps) ** 2
+    du_dg = (eps_root / s + hp.adam_eps) / (s + hp.adam_eps) ** 2
     oracle = -lr * (G / n * du_dg) @ grad_phi(phi, w1)
     assert rel_err(r, oracle) <= 1e-8
 
@@ -378,7 +388,7 @@ def test_rewards_approach_leave_one_out_as_lr_falls():
     errors = []
     for lr in (0.1, 0.01, 0.001):
         hp = dpg.Inner(lr=lr, micro_batch=2, grad_accum=2, optimizer="sgd")
-        value, r = dpg.dpg_rewards(loss_fn, params, n, phi, hp)
+        value, r = dpg.dpg_rewards(loss_fn, params, torch.ones(n), phi, hp)
         loo = []
         for i in range(n):
             e = torch.ones(n, dtype=torch.float64)
@@ -407,8 +417,8 @@ def test_eps_root_zero_is_caught_by_name():
 
     phi = lambda w: -w["E"].pow(2).sum()
     with pytest.raises(FloatingPointError, match="eps_root"):
-        dpg.dpg_rewards(loss_fn, params, 4, phi, dpg.Inner(lr=1e-2, micro_batch=4, eps_root=0.0))
-    _, r = dpg.dpg_rewards(loss_fn, params, 4, phi, dpg.Inner(lr=1e-2, micro_batch=4))  # eps_root = 1e-9: fine
+        dpg.dpg_rewards(loss_fn, params, torch.ones(4), phi, dpg.Inner(lr=1e-2, micro_batch=4, eps_root=0.0))
+    _, r = dpg.dpg_rewards(loss_fn, params, torch.ones(4), phi, dpg.Inner(lr=1e-2, micro_batch=4))  # eps_root = 1e-9: fine
     assert torch.isfinite(r).all() and r.abs().max() > 0
 
 
@@ -479,7 +489,7 @@ def oracle(datasets, hp, theta=THETA, seed=0):
     for D, mult in datasets:
         ids = CANDS[D]
         loss_fn = lambda w, idx: dpg.sequence_losses(model, w, ids[idx], torch.ones_like(ids[idx]))
-        value, r = dpg.dpg_rewards(loss_fn, params, len(D), phi, hp)
+        value, r = dpg.dpg_rewards(loss_fn, params, torch.ones(len(D)), phi, hp)
         # value must be what plain SFT (eps = 1) reaches, not only what the unroll reports
         w = dpg.inner_sft(loss_fn, params, torch.ones(len(D), dtype=theta.dtype), hp)
         torch.testing.assert_close(phi(w).detach(), value)
@@ -677,11 +687,30 @@ def test_response_logprobs_are_the_samplers_own(min_new):
     logp = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1).gather(-1, resp[..., None])[..., 0]
     oracle = torch.where(batch["rmask"].bool(), logp, 0.0).sum(1)  # (N,)
     with torch.no_grad():
-        ours = dpg.token_logprobs(gen, batch, temp).sum(1)
+        ours = dpg.token_logprobs(gen, batch, temp)[0].sum(1)
     assert torch.allclose(ours, oracle, atol=1e-4), (ours, oracle)
     is_eos = resp == tok.eos_token_id
     assert not is_eos[:, :min_new].any() and is_eos.any()  # EOS was sampled, never before min_new
     assert (batch["rmask"].sum(1) < T).any()  # some responses ended early and were cut after EOS
+
+
+def test_bf16_sampler_draws_from_the_float32_policy():
+    """--sample-bf16: the draws come from the bf16 autocast model, the update scores them with the float32 one. The
+    bf16 sampler's log-probs of the tokens it drew (replayed under the same autocast) agree with token_logprobs' float32
+    ones to bf16's resolution: the update's policy is the one that sampled, to a small off-policy error."""
+    tok, temp = dpg.byte_tokenizer(), 1.0
+    gen = dpg.pretrain(dpg.tiny_lm("gpt2", len(tok), 64, 2, seed=0), tok, dpg.read_passages("en"), 20, 0)
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        batch = dpg.sample(gen, tok, ["Rephrase: the river", "Rephrase: a lighthouse"], 4, 12, temp)
+        with torch.no_grad():
+            bf16 = dpg.token_logprobs(gen, batch, temp)[0]
+    with torch.no_grad():
+        fp32 = dpg.token_logprobs(gen, batch, temp)[0]
+    assert bf16.dtype == fp32.dtype == torch.float32 and batch["rmask"].sum() > 40
+    err = (bf16 - fp32).abs()[batch["rmask"].bool()]
+    print(f"\nbf16 sampler vs float32 log-probs: max {err.max():.3g}, mean {err.mean():.3g} nats per token")
+    assert 0 < err.max() < 0.05 and err.mean() < 0.01  # bf16 keeps 8 bits of mantissa (here: max 0.011, mean 0.004)
 
 
 def test_label_credit_moves_each_logit_by_its_labels_reward():
@@ -752,6 +781,35 @@ def test_trust_region_takes_the_largest_halved_step_within_max_kl():
         diff = lambda a, b: max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
         assert diff(g, oracle) <= 1e-3 * diff(oracle, gen)  # float32 noise of the two log-prob paths
         assert opt.param_groups[0]["lr"] == lr  # the lr is given back for the next step
+
+
+@pytest.mark.parametrize("credit", ["example", "token", "label"])
+@pytest.mark.parametrize("max_kl", [0.0, 0.05])
+def test_chunked_update_is_the_one_pass_update(credit, max_kl):
+    """reinforce_step(chunk=c) sums the gradients of whole groups of c sequences: in float64 it takes the one-pass
+    step to 1e-10 (the gradient, the weights after AdamW, the trust region's KL and its halving), per example, per
+    token and per label; c = 3 is rounded down to whole groups of G = 2, c = 6 leaves a last chunk of 2."""
+    tok, temp = dpg.byte_tokenizer(), 0.8
+    gen = dpg.tiny_lm("gpt2", len(tok), 16, 2, seed=4, tie=False).double()
+    torch.manual_seed(0)
+    batch = dpg.sample(gen, tok, ["Rephrase: a b", "Rephrase: the river", "Rephrase: x", "Rephrase: stone bridge"], 2, 6, temp)
+    N, Tr = batch["rmask"].shape
+    g = torch.Generator().manual_seed(1)
+    adv = torch.randn(N, dtype=torch.float64, generator=g) if credit == "example" else torch.randn(N, Tr + 2, dtype=torch.float64, generator=g)
+    Q = torch.randn(N, Tr + 2, len(tok), dtype=torch.float64, generator=g) if credit == "label" else None
+    steps = {}
+    for chunk in (0, 2, 3, 6):
+        model = copy.deepcopy(gen)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
+        _, kl, taken = dpg.reinforce_step(model, opt, batch, adv, temp, 1e9, max_kl=max_kl, Q=Q, chunk=chunk)
+        steps[chunk] = [p.grad.clone() for p in model.parameters()], list(model.parameters()), kl, taken
+    grad, w, kl, taken = steps[0]
+    assert max(x.abs().max() for x in grad) > 0 and (max_kl == 0 or 0 < taken < 1)  # the bound halves the step
+    for chunk in (2, 3, 6):
+        g_c, w_c, kl_c, taken_c = steps[chunk]
+        assert max(rel_err(a, b) for a, b in zip(g_c, grad) if b.abs().max() > 0) <= 1e-10
+        assert max((a - b).abs().max().item() for a, b in zip(w_c, w)) <= 1e-10 * max((a - b).abs().max().item() for a, b in zip(w, gen.parameters()))
+        assert taken_c == taken and (kl is None and kl_c is None or abs(kl_c - kl) <= 1e-10 * kl)
 
 
 def test_naive_rewards_grouping():
@@ -921,7 +979,7 @@ def test_sdpa_target_gets_a_named_error():
     loss_fn = lambda w, idx: dpg.sequence_losses(model, w, ids[idx], torch.ones_like(mask[idx]))
     phi = lambda w: -sum(x.pow(2).sum() for x in w.values())  # the adjoint reaches attention's backward
     with pytest.raises(RuntimeError, match="eager"):
-        dpg.dpg_rewards(loss_fn, params, 4, phi, dpg.Inner(lr=1e-2, micro_batch=4))
+        dpg.dpg_rewards(loss_fn, params, torch.ones(4), phi, dpg.Inner(lr=1e-2, micro_batch=4))
 
 
 def test_out_of_memory_names_the_knobs():
@@ -929,7 +987,7 @@ def test_out_of_memory_names_the_knobs():
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     params = {"w": torch.zeros(3)}
     with pytest.raises(MemoryError, match="--micro-batch"):
-        dpg.dpg_rewards(loss_fn, params, 4, lambda w: w["w"].sum(), dpg.Inner(micro_batch=4))
+        dpg.dpg_rewards(loss_fn, params, torch.ones(4), lambda w: w["w"].sum(), dpg.Inner(micro_batch=4))
 
 
 def run_cli(out, *extra):
@@ -937,7 +995,7 @@ def run_cli(out, *extra):
            "--pretrain-steps", "20", "--log-every", "1", "--out", str(out), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    strip = lambda d: {k: v for k, v in d.items() if k not in ("seconds", "config")}
+    strip = lambda d: {k: v for k, v in d.items() if k not in ("seconds", "config") and not k.endswith(("_s", "_mb"))}  # timings
     rows = [strip(json.loads(l)) for l in open(out / "metrics.jsonl")]
     return strip(json.load(open(out / "summary.json"))), rows
 
@@ -949,6 +1007,104 @@ def test_resume_gives_the_uninterrupted_run(tmp_path):
     run_cli(tmp_path / "b", "--steps", "2", "--lr-decay", "0")
     resumed, resumed_rows = run_cli(tmp_path / "b", "--steps", "4", "--resume", "--lr-decay", "0")
     assert resumed == whole and resumed_rows == whole_rows and len(whole_rows) == 4
+
+
+def folder_bytes(path):
+    """{relative path: bytes} of every file under path."""
+    return {os.path.relpath(os.path.join(d, f), path): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(path) for f in files}
+
+
+@pytest.fixture(scope="module")
+def made_run(tmp_path_factory):
+    """A finished 2-step l2 run (tiny models), made once; each test works on its own copy."""
+    out = tmp_path_factory.mktemp("made") / "run"
+    proc = cli(out.parent, "--task", "l2", "--steps", "2", "--prompts", "2", "--rollouts", "4", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+@pytest.mark.parametrize("case,args,message", [
+    ("again", [], "already holds a run (checkpoint.pt, summary.json, metrics.jsonl): continue it with --resume"),
+    ("another task", ["--task", "uuid", "--resume"], "holds another run; differing: --task l2 (the run's) against uuid;"),
+    ("other numbers", ["--lr", "1", "--prompts", "8", "--resume"], "differing: --prompts 2 (the run's) against 8; --lr 0.003 (the run's) against 1.0."),
+    ("fewer steps", ["--steps", "1", "--resume"], "--steps 1: is below the 2 steps that the run in"),
+    ("cut short", ["--resume"], "checkpoint.pt cannot be read (RuntimeError: "),
+    ("not a checkpoint", ["--resume"], "checkpoint.pt cannot be read ("),
+    ("older format", ["--resume"], "format 1, this dpg.py reads 2"),
+])
+def test_a_run_is_never_overwritten_nor_resumed_as_another(made_run, tmp_path, case, args, message):
+    """A folder that holds a run is refused to a fresh run, and to a --resume with other flags or a checkpoint that cannot
+    be read: one line, exit status 2, and every file in the folder byte-identical afterwards."""
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(made_run, out)
+    ckpt = out / "checkpoint.pt"
+    if case == "cut short":  # as a full disk or a killed copy leaves it
+        ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    if case == "not a checkpoint":
+        ckpt.write_text("not a checkpoint")
+    if case == "older format":  # a checkpoint of the file before the format had a number
+        torch.save({k: v for k, v in torch.load(ckpt).items() if k not in ("format", "config")}, ckpt)
+    before = folder_bytes(out)
+    proc = cli(tmp_path, "--task", "l2", "--steps", "2", "--prompts", "2", "--rollouts", "4", "--out", str(out), *args)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("dpg.py: error: "), proc.stderr[-2000:]
+    assert message in lines[0], lines[0]
+    assert folder_bytes(out) == before
+
+
+def test_overwrite_replaces_the_run_and_resume_without_a_checkpoint_starts_fresh(made_run, tmp_path):
+    """--overwrite replaces the whole run (no row, checkpoint or generator of the old one stays); --resume on a folder
+    with no checkpoint says so on its first line and runs from step 0."""
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(made_run, out)
+    proc = cli(tmp_path, "--task", "l2", "--steps", "1", "--prompts", "2", "--rollouts", "4", "--out", str(out), "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [json.loads(l)["step"] for l in open(out / "metrics.jsonl")] == [0]
+    assert torch.load(out / "checkpoint.pt")["step"] == 1 and json.load(open(out / "summary.json"))["steps"] == 1
+    fresh = tmp_path / "fresh"
+    proc = cli(tmp_path, "--task", "l2", "--steps", "1", "--prompts", "2", "--rollouts", "4", "--out", str(fresh), "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[0] == f"--resume: {fresh} holds no checkpoint.pt: starting a fresh run"
+    assert [json.loads(l)["step"] for l in open(fresh / "metrics.jsonl")] == [0]
+
+
+def test_a_run_killed_at_any_moment_resumes_to_the_uninterrupted_run(tmp_path):
+    """SIGKILL while a checkpoint is being written, then again just after a row is logged (before its checkpoint), each
+    followed by --resume: the last good checkpoint and the rows up to it survive, and the finished run's metrics.jsonl
+    and summary.json equal an uninterrupted run's, timings aside."""
+    import signal
+    args = ["--task", "uuid", "--steps", "8", "--prompts", "2", "--rollouts", "2", "--pretrain-steps", "20",
+            "--log-every", "1", "--save-every", "1"]
+    dpg_py = os.path.join(HERE, "dpg.py")
+    assert cli(tmp_path, *args, "--out", str(tmp_path / "whole")).returncode == 0
+    out = tmp_path / "killed"
+
+    def rows():
+        return len(open(out / "metrics.jsonl").readlines()) if (out / "metrics.jsonl").exists() else 0
+
+    for kill_when, extra in (("writing", []), ("logged", ["--resume"])):
+        proc = subprocess.Popen([sys.executable, dpg_py, *args, "--out", str(out), *extra], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        first, deadline = rows(), time.time() + 300
+        while proc.poll() is None and time.time() < deadline:
+            writing = out.exists() and any(".tmp" in f for f in os.listdir(out))
+            if (kill_when == "writing" and writing and rows() >= 2) or (kill_when == "logged" and rows() >= first + 2):
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL  # killed mid-run, not finished
+        step = torch.load(out / "checkpoint.pt")["step"]
+        assert 1 <= step <= rows() < 8
+    proc = cli(tmp_path, *args, "--out", str(out), "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    timings = lambda d: {k: v for k, v in d.items() if k not in ("seconds", "config") and not k.endswith(("_s", "_mb"))}
+    for name in ("metrics.jsonl", "summary.json"):
+        a, b = ([timings(json.loads(l)) for l in open(tmp_path / o / name).read().strip().split("\n")] if name.endswith("l")
+                else timings(json.load(open(tmp_path / o / name))) for o in ("whole", "killed"))
+        assert a == b, name
 
 
 def test_hub_data_falls_back_with_a_notice():
@@ -1045,19 +1201,22 @@ def test_user_phi_equal_to_l2_gives_the_rewards_of_task_l2(tmp_path):
     (["--phi", "phis:vector"], "must return a finite scalar tensor; it returned a tensor of shape (64,)"),
     (["--phi", "phis:detached"], "does not depend on the weights"),
     (["--phi", "phis:one_arg"], "must take (w, ctx)"),
+    (["--micro-batch", "8", "--inner-steps", "2"], "--inner-steps 2 with --micro-batch 8: give one"),
 ] + [(["--task", task, flag, value], f"{flag} ") for task, flag, value in (  # bad numbers: the line names the flag
     ("67", "--prompts", "0"), ("67", "--seq-len", "0"), ("67", "--temperature", "0"), ("uuid", "--inner-lr", "nan"),
     ("67", "--steps", "-1"), ("67", "--rollouts", "1"), ("language", "--lang", "xx"), ("67", "--generator", "/nonexistent"),
     ("67", "--out", "/proc/forbidden"), ("67", "--inner-steps", "0"), ("67", "--lr", "inf"), ("67", "--max-kl", "-1"),
     ("67", "--seq-len", "16"),  # the default responses are 32 tokens
-    ("67", "--min-new-tokens", "40"), ("67", "--log-every", "0"), ("67", "--lr-decay", "1.5"))])
+    ("67", "--min-new-tokens", "40"), ("67", "--log-every", "0"), ("67", "--lr-decay", "1.5"),
+    ("67", "--micro-batch", "3"),  # N = 256 is not a whole number of microbatches of 3
+    ("67", "--update-batch", "-1"), ("67", "--save-every", "-1"))])
 def test_bad_input_is_one_error_line_and_exit_2(tmp_path, args, message):
     """Input a person can fix (a task, a model, a --phi, every bad number) ends with one line, as argparse reports
     its own errors, and exit status 2, with no run that reports success; what the output folder held is untouched."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "summary.json").write_text("an earlier run")
-    proc = cli(tmp_path, "--task", "l2", "--steps", "1", "--out", str(out), *args)  # the flags of args win
+    proc = cli(tmp_path, "--task", "l2", "--steps", "1", "--out", str(out), "--overwrite", *args)  # the flags of args win
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert lines[-1].startswith("dpg.py: error: ") and message in lines[-1], lines[-1]
@@ -1116,7 +1275,7 @@ def two_rank_worker(rank, init_file, out, opt, every, K):
     local = lambda w, idx: loss_fn(w, mine[idx])
     hp = dpg.Inner(lr=3e-2, micro_batch=2, grad_accum=K, optimizer=opt)  # M = 8 / (2 K) steps
     eps = torch.ones(8, dtype=torch.float64, requires_grad=True)
-    value, r = dpg.reverse_sweep(local, params, eps, phi, hp, every=every) if every else dpg.dpg_rewards(local, params, 8, phi, hp)
+    value, r = dpg.reverse_sweep(local, params, eps, phi, hp, every=every) if every else dpg.dpg_rewards(local, params, torch.ones(8), phi, hp)
     w = dpg.inner_sft(local, params, torch.ones(8, dtype=torch.float64), hp)
     torch.save({"value": value.detach(), "r": r, "w": w}, os.path.join(out, f"{rank}.pt"))
     torch.distributed.destroy_process_group()
