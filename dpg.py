@@ -224,8 +224,7 @@ def update_vjp(state, g, t, hp, adjoint):
 def n_inner_steps(n, hp):
     """M = N / (B K); refuses a dataset that does not split into whole steps."""
     if n % (hp.micro_batch * hp.grad_accum):
-        raise BadInput(f"{n} examples do not split into steps of micro_batch*grad_accum = "
-                       f"{hp.micro_batch}*{hp.grad_accum}; change --micro-batch/--grad-accum or the batch")
+        raise BadInput(f"{n} examples do not split into steps of B x K = {hp.micro_batch} x {hp.grad_accum}: change B, K or the batch")
     return n // (hp.micro_batch * hp.grad_accum)
 
 def inner_sft(loss_fn, params, eps, hp, create_graph=False):
@@ -447,7 +446,7 @@ def sample(gen, tok, prompts, rollouts, max_new_tokens, temperature, min_new_tok
     resp = torch.stack(resp, 1)  # (N, Tr)
     is_eos = (resp == eos).long()
     rmask = ((is_eos.cumsum(1) - is_eos) == 0).long()  # nothing after the first EOS
-    tokens = [[t for t in row if t != eos] for row in (resp * rmask + eos * (1 - rmask)).tolist()]
+    tokens = [[t for t in row if t != eos] for row in resp.tolist()]  # after the first EOS there is only EOS
     return dict(ids=torch.cat([ids.repeat_interleave(G, 0), resp], 1), attn=torch.cat([attn[:, :ids.shape[1]], rmask], 1),
                 n_prompt=ids.shape[1], rollouts=G, rmask=rmask, texts=tok.batch_decode(tokens, skip_special_tokens=True),
                 tokens=tokens, min_new_tokens=min_new_tokens, eos=eos)
@@ -521,8 +520,7 @@ def reinforce_step(gen, opt, batch, advantages, temperature, clip, max_kl=0.0, h
         return loss, None, 1.0
     # a trust region: clipping bounds the gradient, not AdamW's step (~lr per weight whatever the gradient), so a
     # step whose KL on its batch exceeds max_kl is undone and retaken at half the lr, up to `halvings` times
-    params, lr = list(gen.parameters()), opt.param_groups[0]["lr"]
-    saved = [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
+    lr, saved = opt.param_groups[0]["lr"], (copy.deepcopy(gen.state_dict()), copy.deepcopy(opt.state_dict()))
     for k in range(halvings + 1):  # try lr, lr/2, ..., lr/2^halvings
         opt.param_groups[0]["lr"] = lr / 2**k
         opt.step()
@@ -533,9 +531,7 @@ def reinforce_step(gen, opt, batch, advantages, temperature, clip, max_kl=0.0, h
             step_kl = all_sum([(torch.exp(d) - 1 - d).sum(1).mean()], 1 / ranks())[0].item()
         if step_kl <= max_kl:
             return loss, step_kl, 1 / 2**k
-        with torch.no_grad():  # rejected: the weights and AdamW's state as they were
-            for p, q in zip(params, saved[0]):
-                p.copy_(q)
+        gen.load_state_dict(saved[0])  # rejected: the weights and AdamW's state as they were
         opt.load_state_dict(saved[1])
     return loss, 0.0, 0.0  # nothing fits: this step is skipped
 
@@ -580,9 +576,8 @@ def run(cfg, task=None):
 
     def save(done):  # after `done` whole steps, each logged: the generator, AdamW and what a resume checks and needs
         if main_rank:
-            state = {"format": CHECKPOINT, "config": dataclasses.asdict(cfg), "generator": gen.state_dict(),
-                     "optimizer": opt.state_dict(), "step": done, "seconds": elapsed, "before": before}
-            atomic(ckpt, lambda path: torch.save(state, path))
+            atomic(ckpt, lambda path: torch.save({"format": CHECKPOINT, "config": dataclasses.asdict(cfg), "generator": gen.state_dict(),
+                                                  "optimizer": opt.state_dict(), "step": done, "seconds": elapsed, "before": before}, path))
         return done
 
     start, elapsed, eval_seed = 0, 0.0, 1_000_003 * (cfg.seed + 1)
@@ -603,8 +598,6 @@ def run(cfg, task=None):
     with open(log_path if main_rank else os.devnull, "a" if start else "w") as log:
         try:
             for step in range(start, cfg.steps):
-                if s.dev.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
                 t = [time.time()]  # the step's parts: sampling, rewards, measurement, update
                 batch, loss_fn = rollout(cfg, s, step, cfg.seed * 1_000_003 + step)
                 t.append(time.time())
@@ -677,7 +670,7 @@ def setup(cfg, task=None, out=None):
     w0 = {n: p.detach() for n, p in target.named_parameters()}
     phi, measure = make_task(cfg, target, ttok, w0, task)
     cfg = dataclasses.replace(cfg, sweep=picks_sweep(w0, cfg.sweep or None))  # the mode the rewards use at M >= 2 (summary.json)
-    N = n_examples(cfg)
+    N = cfg.prompts // ranks() * cfg.rollouts  # this rank's examples (all of them in one process)
     hp = Inner(lr=cfg.inner_lr, micro_batch=cfg.micro_batch or max(1, N // (cfg.inner_steps * cfg.grad_accum)),
                grad_accum=cfg.grad_accum, optimizer=cfg.inner_opt, adam_eps=cfg.inner_eps)
     return cfg, SimpleNamespace(task=task, gen=gen, gtok=gtok, target=target, ttok=ttok, dev=dev, w0=w0, phi=phi,
@@ -714,10 +707,12 @@ def sigint_deferred():
         handler(*caught[0])
 
 def peak_memory(dev):
-    """{'cuda_peak_mb': since the step began} on a GPU, else {'rss_peak_mb': the process's peak so far} (Linux, macOS)."""
+    """{'cuda_peak_mb': the peak since the last call} on a GPU, else {'rss_peak_mb': the process's peak so far} (Linux, macOS)."""
     import resource
-    return ({"cuda_peak_mb": torch.cuda.max_memory_allocated(dev) / 2**20} if dev.type == "cuda" else
-            {"rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)})
+    if dev.type != "cuda":
+        return {"rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)}
+    peak, _ = torch.cuda.max_memory_allocated(dev) / 2**20, torch.cuda.reset_peak_memory_stats(dev)
+    return {"cuda_peak_mb": peak}
 
 def progress(row):
     """One line of figures, then the samples (escaped, so byte soup stays readable), one per line."""
@@ -858,11 +853,10 @@ def resolve(cfg, task=None):
     defaults["seq_len"] = max(defaults["seq_len"], cfg.max_new_tokens or defaults["max_new_tokens"])  # responses are not cut
     if cfg.reward == "naive" or cfg.target != "tiny" or cfg.generator != "tiny":
         defaults["credit"] = "example"  # one Phi per dataset; or tokenizers that may differ: the paper's credit
-    defaults["update_batch"] = 0 if cfg.generator == "tiny" else None  # tiny: one pass; else B, below
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
-    N, K = n_examples(cfg), max(1, cfg.grad_accum)  # (check_numbers refuses bad numbers after this)
+    N, K = cfg.prompts // ranks() * cfg.rollouts, max(1, cfg.grad_accum)  # this rank's N (check_numbers refuses bad numbers next)
     M = max(1, N // abs(cfg.micro_batch * K)) if cfg.micro_batch else cfg.inner_steps  # given B: M = N / (B K)
-    B = cfg.micro_batch or max(1, N // max(1, M * K))  # the update's default: as many sequences at a time as the inner microbatch
+    B = 0 if cfg.generator == "tiny" else cfg.micro_batch or max(1, N // max(1, M * K))  # the update's default chunk: B (tiny: all N)
     cfg = dataclasses.replace(cfg, inner_steps=M, update_batch=B if cfg.update_batch is None else cfg.update_batch)
     if cfg.credit not in ("example", "token", "label") or (cfg.credit != "example" and cfg.reward != "dpg"):
         raise BadInput(f"--credit {cfg.credit!r}: choose example, or token or label with --reward dpg")
@@ -921,7 +915,7 @@ def check_numbers(cfg, out=None):
         bad("seq_len", f"is below --max-new-tokens {cfg.max_new_tokens}: responses would be cut; use at least that")
     if cfg.prompts % ranks():
         bad("prompts", f"does not split over {ranks()} torchrun ranks: use a multiple of {ranks()}")
-    N = n_examples(cfg)
+    N = cfg.prompts // ranks() * cfg.rollouts  # this rank's examples (all of them in one process)
     if N % ((cfg.micro_batch or cfg.inner_steps) * cfg.grad_accum):  # N = M K B, given M or B
         into = f"M = {cfg.inner_steps} inner steps of K = {cfg.grad_accum} microbatches" + (f" of B = {cfg.micro_batch}" if cfg.micro_batch else "")
         bad("micro_batch" if cfg.micro_batch else "inner_steps", f"with N = prompts x rollouts / ranks = {N} examples: they do not split "
@@ -943,10 +937,6 @@ def check_numbers(cfg, out=None):
         raise BadInput(f"--out {out} already holds a run ({', '.join(held)}): continue it with --resume, or choose another "
                        "--out (--overwrite replaces it)")
     return cfg
-
-def n_examples(cfg):
-    """N, this rank's examples per generator step: prompts x rollouts / ranks (all of them in one process)."""
-    return cfg.prompts // ranks() * cfg.rollouts
 
 RUN_FILES = ("checkpoint.pt", "summary.json", "metrics.jsonl", "generator")  # what a run writes (and the task's PNG)
 RESUMABLE = {"steps", "log_every", "out", "resume", "overwrite", "save_every", "update_batch", "threads", "sweep", "oracle"}
@@ -1292,7 +1282,7 @@ def atomic(path, write):
     os.replace(tmp, path)
 
 
-# ----------------------------------------------------------------------------- torchrun (a thin layer)
+# ----------------------------------------------------------------------------- torchrun (a thin layer) and the command line
 # `torchrun --nproc-per-node R dpg.py ...`: rank r samples prompts [r P/R, (r+1) P/R) (whole GRPO groups) and
 # trains on its own examples; the sums below make every inner step, Phi, each reward and the generator step
 # those of one process holding all R shards. Without torchrun, ranks() is 1 and nothing communicates.
@@ -1323,9 +1313,6 @@ def all_lists(xs):
     out = [None] * ranks()
     torch.distributed.all_gather_object(out, xs)
     return [x for part in out for x in part]
-
-
-# ----------------------------------------------------------------------------- command line
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
