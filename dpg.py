@@ -620,7 +620,7 @@ def run(cfg, task=None):
                 opt.param_groups[0]["lr"] = cfg.lr * (1 - cfg.lr_decay * step / cfg.steps)  # stateless: a resumed run takes the same lr
                 with sigint_deferred():  # Ctrl-C waits for the update and its row: a step is whole or not begun
                     _, step_kl, lr_taken = reinforce_step(gen, opt, batch, adv.to(s.dev), cfg.temperature, cfg.clip, cfg.max_kl,
-                                                                  Q=Q, chunk=cfg.update_batch)
+                                                          Q=Q, chunk=cfg.update_batch)
                     t.append(time.time())
                     parts = {f"{k}_s": b - a for k, a, b in zip(("sample", "rewards", "measure", "update"), t, t[1:])}
                     r_all, n_tok = all_lists(r.tolist()), all_sum([batch["rmask"].sum(1).float().mean()], 1 / ranks())[0]
