@@ -531,8 +531,8 @@ def reinforce_step(gen, opt, batch, advantages, temperature, clip, max_kl=0.0, h
             step_kl = all_sum([(torch.exp(d) - 1 - d).sum(1).mean()], 1 / ranks())[0].item()
         if step_kl <= max_kl:
             return loss, step_kl, 1 / 2**k
-        gen.load_state_dict(saved[0])  # rejected: the weights and AdamW's state as they were
-        opt.load_state_dict(saved[1])
+        gen.load_state_dict(saved[0])  # rejected: the weights and AdamW's state as they were; a copy of the
+        opt.load_state_dict(copy.deepcopy(saved[1]))  # state, as AdamW keeps the tensors it loads and steps them in place
     return loss, 0.0, 0.0  # nothing fits: this step is skipped
 
 def naive_rewards(loss_fn, params, n, group, phi, hp):
