@@ -405,7 +405,7 @@ def pattern_phi(W, W0, S, sharpness=20.0):
 
 def pixel_accuracy(W, W0, S):
     """Share of the patch whose sign(Delta) equals S (-1 = dark)."""
-    return (torch.sign(patch_delta(W, W0, S)) == S).double().mean().item()
+    return (torch.sign(patch_delta(W, W0, S)) == S.to(W.device)).double().mean().item()
 
 def l2_phi(W):
     """L2: Phi = -||W||_F over the whole head."""
@@ -556,10 +556,9 @@ def run(cfg, task=None):
     task = get_task(cfg, task)
     out, main_rank = out_dir(cfg, task), rank() == 0
     say = print if main_rank else lambda *a, **k: None
-    ckpt, log_path = os.path.join(out, "checkpoint.pt"), os.path.join(out, "metrics.jsonl")
-    if cfg.resume and not os.path.exists(ckpt):
-        say(f"--resume: {out} holds no checkpoint.pt: starting a fresh run")
     cfg, s = setup(cfg, task, out)  # refuses a folder with another run, before anything is built or written
+    if cfg.resume and s.checkpoint is None:
+        say(f"--resume: {out} holds no checkpoint.pt: starting a fresh run")
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
@@ -567,40 +566,49 @@ def run(cfg, task=None):
     gen, w0, N, G, hp = s.gen, s.w0, s.N, cfg.rollouts, s.hp
     opt = torch.optim.AdamW(gen.parameters(), lr=cfg.lr)
     shape = (N, cfg.seq_len) if cfg.credit == "token" else (N,)  # per-token or per-example rewards
+    ckpt, log_path = os.path.join(out, "checkpoint.pt"), os.path.join(out, "metrics.jsonl")
 
     def evaluate(batch, loss_fn):  # Phi and the success measure after a plain inner SFT on this batch
         w = inner_sft(loss_fn, w0, torch.ones(shape, device=s.dev), hp)
-        with torch.no_grad():
-            return {"phi": s.phi(w).item(), **s.measure(w, all_lists(batch["texts"])),
-                    "samples": [readable(s.gtok, t)[:100] for t in batch["tokens"][:: max(1, N // 4)]]}, w  # 4 prompts
+        with torch.no_grad():  # plain Python numbers, as a weights-only torch.load of the checkpoint wants them
+            measured = {k: v.item() if hasattr(v, "item") else v for k, v in s.measure(w, all_lists(batch["texts"])).items()}
+            samples = [readable(s.gtok, t)[:100] for t in batch["tokens"][:: max(1, N // 4)]]  # one per 4th of the prompts
+            return {"phi": s.phi(w).item(), **measured, "samples": samples}, w
 
     def save(done):  # after `done` whole steps, each logged: the generator, AdamW and what a resume checks and needs
+        state = {"format": CHECKPOINT, "config": dataclasses.asdict(cfg), "ranks": ranks(), "step": done,
+                 "generator": gen.state_dict(), "optimizer": opt.state_dict(), "seconds": elapsed, "before": before}
         if main_rank:
-            atomic(ckpt, lambda path: torch.save({"format": CHECKPOINT, "config": dataclasses.asdict(cfg), "generator": gen.state_dict(),
-                                                  "optimizer": opt.state_dict(), "step": done, "seconds": elapsed, "before": before}, path))
+            atomic(ckpt, lambda path: torch.save(state, path))
         return done
 
     start, elapsed, eval_seed = 0, 0.0, 1_000_003 * (cfg.seed + 1)
-    if cfg.resume and os.path.exists(ckpt):
-        state = read_checkpoint(ckpt)
-        gen.load_state_dict(state["generator"])
-        opt.load_state_dict(state["optimizer"])
-        start, elapsed, before = state["step"], state["seconds"], state["before"]
-        if main_rank:  # keep the rows up to the checkpoint, then append
-            atomic(log_path, "".join(open(log_path).readlines()[:start]))
-    else:
-        for p in [os.path.join(out, f) for f in RUN_FILES + (f"{cfg.task}.png",) if main_rank]:  # nothing of an older run stays
-            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p) if os.path.exists(p) else None
-        before, _ = evaluate(*rollout(cfg, s, 0, eval_seed))
-    say(f"{task_name(cfg, s.task)} {cfg.reward}: N={N * ranks()} examples/step, M={n_inner_steps(N, hp)} inner {hp.optimizer} "
-        f"step(s) at lr {hp.lr}" + (f", {ranks()} ranks" if ranks() > 1 else "") + "; before: " + progress(before))
-    done = saved = start  # steps whose update the generator holds, each with its row; the checkpoint's
-    with open(log_path if main_rank else os.devnull, "a" if start else "w") as log:
+    with holding(out if main_rank else None), open(log_path if main_rank else os.devnull, "a") as log:
+        for f in os.listdir(out) if main_rank else []:  # what a killed process left half-written: we hold the folder now
+            if f.rpartition(".tmp")[2].isdigit():
+                remove(os.path.join(out, f))
+        if s.checkpoint is not None:
+            gen.load_state_dict(s.checkpoint["generator"])
+            opt.load_state_dict(s.checkpoint["optimizer"])
+            start, elapsed, before = (s.checkpoint[k] for k in ("step", "seconds", "before"))
+            if main_rank:  # keep the rows up to the checkpoint, then append
+                log.truncate(sum(map(len, open(log_path, "rb").readlines()[:start])))
+        else:
+            if main_rank:  # nothing of an older run stays (--overwrite); the log, held open here, is emptied
+                log.truncate(0)
+                for f in set(run_files(cfg)) - {"metrics.jsonl"}:
+                    remove(os.path.join(out, f))
+            before, _ = evaluate(*rollout(cfg, s, 0, eval_seed))
+        say(f"{task_name(cfg, s.task)} {cfg.reward}: N={N * ranks()} examples/step, M={n_inner_steps(N, hp)} inner "
+            f"{hp.optimizer} step(s) at lr {hp.lr}" + (f", {ranks()} ranks" if ranks() > 1 else "")
+            + "; before: " + progress(before))
+        done = saved = start  # steps whose update the generator holds, each with its row; the checkpoint's
+        peak_memory(s.dev)  # on a GPU the first row's peak is then its step's, not the loading's nor the evaluation's
         try:
             for step in range(start, cfg.steps):
-                t = [time.time()]  # the step's parts: sampling, rewards, measurement, update
+                t = [clock(s.dev)]  # the step's parts: sampling, rewards, measurement, update
                 batch, loss_fn = rollout(cfg, s, step, cfg.seed * 1_000_003 + step)
-                t.append(time.time())
+                t.append(clock(s.dev))
                 Q = None
                 if cfg.credit == "label":  # every label's reward at every position
                     ids, mask = (x.to(s.dev) for x in encode_for_target(s.ttok, None, s.L, batch["tokens"]))
@@ -608,25 +616,27 @@ def run(cfg, task=None):
                     Q[..., s.gtok.eos_token_id] = 0  # writing EOS adds no label
                     r = Q.gather(-1, ids[:, 1:, None])[..., 0] * mask[:, 1:]
                     (adv, Q), r = group_advantages(r, G, Q), r.sum(1)
-                elif cfg.reward == "dpg":
-                    value, r = dpg_rewards(loss_fn, w0, torch.ones(shape, device=s.dev), s.phi, hp, cfg.sweep)  # at eps = 1
+                elif cfg.reward == "dpg":  # at eps = 1
+                    value, r = dpg_rewards(loss_fn, w0, torch.ones(shape, device=s.dev), s.phi, hp, cfg.sweep)
                     adv, r = group_advantages(r, G), r.view(N, -1).sum(1)
                 else:
                     r = naive_rewards(loss_fn, w0, N, G, s.phi, hp)
                     value, adv = r.mean(), group_advantages(r, N)  # one baseline over the whole batch
-                t.append(time.time())
+                t.append(clock(s.dev))
                 measured = evaluate(batch, loss_fn)[0] if step % cfg.log_every == 0 or step == cfg.steps - 1 else {}
-                t.append(time.time())
-                opt.param_groups[0]["lr"] = cfg.lr * (1 - cfg.lr_decay * step / cfg.steps)  # stateless: a resumed run takes the same lr
-                with sigint_deferred():  # Ctrl-C waits for the update and its row: a step is whole or not begun
-                    _, step_kl, lr_taken = reinforce_step(gen, opt, batch, adv.to(s.dev), cfg.temperature, cfg.clip, cfg.max_kl,
-                                                          Q=Q, chunk=cfg.update_batch)
-                    t.append(time.time())
+                t.append(clock(s.dev))
+                # stateless: a resumed run takes the same lr (and may not change --steps while it decays)
+                opt.param_groups[0]["lr"] = cfg.lr * (1 - cfg.lr_decay * step / cfg.steps)
+                with signals_deferred():  # Ctrl-C and SIGTERM wait for the update and its row: a step is whole or not begun
+                    _, step_kl, lr_taken = reinforce_step(gen, opt, batch, adv.to(s.dev), cfg.temperature, cfg.clip,
+                                                          cfg.max_kl, Q=Q, chunk=cfg.update_batch)
+                    t.append(clock(s.dev))
                     parts = {f"{k}_s": b - a for k, a, b in zip(("sample", "rewards", "measure", "update"), t, t[1:])}
-                    r_all, n_tok = all_lists(r.tolist()), all_sum([batch["rmask"].sum(1).float().mean()], 1 / ranks())[0]
+                    r_all = all_lists(r.tolist())
+                    n_tok = all_sum([batch["rmask"].sum(1).float().mean()], 1 / ranks())[0]  # watch for collapse to EOS
                     row = {"step": step, "phi": value.item(), "reward_std": torch.tensor(r_all).std().item(),
                            "seconds": t[-1] - t[0] - parts["measure_s"], "policy_kl": step_kl, "lr_taken": lr_taken,
-                           "response_tokens": n_tok.item()} | parts | peak_memory(s.dev)  # response_tokens: watch for collapse to EOS
+                           "response_tokens": n_tok.item()} | parts | peak_memory(s.dev)
                     row |= {k: v[:2] if k == "samples" else v for k, v in measured.items() if k != "phi"}
                     elapsed += row["seconds"]
                     log.write(json.dumps(row) + "\n")
@@ -638,43 +648,47 @@ def run(cfg, task=None):
             if done > saved:
                 save(done)
             raise
-    if done > saved:
-        save(done)
-    after, w = evaluate(*rollout(cfg, s, 0, eval_seed))
-    summary = {"task": task_name(cfg, s.task), "reward": cfg.reward, "seed": cfg.seed, "steps": cfg.steps, "seconds": round(elapsed, 1),
-               "phi_before": before["phi"], "phi_after": after["phi"]}
-    summary |= {f"{k}_{when}": v for when, row in (("before", before), ("after", after)) for k, v in row.items() if k != "phi"}
-    if not main_rank:
-        return summary
-    builtin = s.task is TASKS.get(cfg.task)  # their extras: the target before SFT, the UUID, the picture
-    if builtin:
-        summary |= {f"{k}_target_init": v for k, v in s.measure(w0, []).items() if k in ("lm_head_norm", "uuid_logprob", "last_word_loss")}
-    if builtin and cfg.task == "uuid":
-        summary |= {"uuid_in_greedy": uuid_in_greedy(gen, s.gtok, s.passages, cfg)}
-    if builtin and cfg.task in ("qr", "67"):
-        delta = patch_delta(lm_head(w), lm_head(w0), pattern(cfg.task))  # dark where Delta < 0, as S = -1 is dark
-        save_png(os.path.join(out, f"{cfg.task}.png"), (delta < 0).tolist())
-    atomic(os.path.join(out, "generator"), gen.save_pretrained)
-    atomic(os.path.join(out, "summary.json"), json.dumps(summary | {"config": dataclasses.asdict(cfg)}, indent=1))
+        if done > saved:
+            save(done)
+        after, w = evaluate(*rollout(cfg, s, 0, eval_seed))
+        summary = {"task": task_name(cfg, s.task), "reward": cfg.reward, "seed": cfg.seed, "steps": cfg.steps,
+                   "seconds": round(elapsed, 1), "phi_before": before["phi"], "phi_after": after["phi"]}
+        summary |= {f"{k}_{when}": v for when, row in (("before", before), ("after", after)) for k, v in row.items()
+                    if k != "phi"}
+        if not main_rank:
+            return summary
+        builtin = s.task is TASKS.get(cfg.task)  # their extras: the target before SFT, the UUID, the picture
+        if builtin:
+            summary |= {f"{k}_target_init": v for k, v in s.measure(w0, []).items()
+                        if k in ("lm_head_norm", "uuid_logprob", "last_word_loss")}
+        if builtin and cfg.task == "uuid":
+            summary |= {"uuid_in_greedy": uuid_in_greedy(gen, s.gtok, s.passages, cfg)}
+        if builtin and cfg.task in ("qr", "67"):
+            delta = patch_delta(lm_head(w), lm_head(w0), pattern(cfg.task).to(w0["lm_head.weight"]))
+            save_png(os.path.join(out, f"{cfg.task}.png"), (delta < 0).tolist())  # dark where Delta < 0, as S = -1
+        atomic(os.path.join(out, "generator"), gen.save_pretrained)
+        atomic(os.path.join(out, "summary.json"), json.dumps(summary | {"config": dataclasses.asdict(cfg)}, indent=1))
     print(json.dumps(summary))
     return summary
 
 def setup(cfg, task=None, out=None):
-    """What a run (into the folder `out`) and the oracle-data check share: models on the device, w0, Phi, measure, hp."""
+    """What a run (into the folder `out`) and the oracle-data check share: models on the device, w0, Phi, measure, hp,
+    and the checkpoint that a --resume continues from (None for a fresh run)."""
     task = get_task(cfg, task)
-    cfg = check_numbers(resolve(cfg, task), out)
+    cfg = check_numbers(resolve(cfg, task))
+    checkpoint = check_folder(cfg, out) if out else None  # the run-folder rules, before anything is built
     torch.set_num_threads(cfg.threads or (1 if cfg.generator == cfg.target == "tiny" else os.cpu_count()))
     gen, gtok, target, ttok = build_models(cfg, task.head)
     dev = torch.device(cfg.device)
     gen, target = gen.to(dev), target.to(dev)
     w0 = {n: p.detach() for n, p in target.named_parameters()}
     phi, measure = make_task(cfg, target, ttok, w0, task)
-    cfg = dataclasses.replace(cfg, sweep=picks_sweep(w0, cfg.sweep or None))  # the mode the rewards use at M >= 2 (summary.json)
-    N = cfg.prompts // ranks() * cfg.rollouts  # this rank's examples (all of them in one process)
-    hp = Inner(lr=cfg.inner_lr, micro_batch=cfg.micro_batch or max(1, N // (cfg.inner_steps * cfg.grad_accum)),
-               grad_accum=cfg.grad_accum, optimizer=cfg.inner_opt, adam_eps=cfg.inner_eps)
+    cfg = dataclasses.replace(cfg, sweep=picks_sweep(w0, cfg.sweep or None))  # the mode of the rewards at M >= 2
+    N, _, B = split(cfg)
+    hp = Inner(lr=cfg.inner_lr, micro_batch=B, grad_accum=cfg.grad_accum, optimizer=cfg.inner_opt, adam_eps=cfg.inner_eps)
     return cfg, SimpleNamespace(task=task, gen=gen, gtok=gtok, target=target, ttok=ttok, dev=dev, w0=w0, phi=phi,
-                                measure=measure, N=N, L=cfg.seq_len, hp=hp, passages=read_passages("en", cfg.data))
+                                measure=measure, N=N, L=cfg.seq_len, hp=hp, passages=read_passages("en", cfg.data),
+                                checkpoint=checkpoint)
 
 def rollout(cfg, s, step, seed):
     """Sample this step's dataset (this rank's prompts under torchrun) and hand it to the target: (batch, loss_fn)."""
@@ -694,17 +708,28 @@ def target_loss_fn(s, texts, tokens=None, per_token=False):
     return lambda w, idx: losses(s.target, w, ids[idx], mask[idx])
 
 @contextlib.contextmanager
-def sigint_deferred():
-    """Ctrl-C inside the block takes effect at its end (in the main thread: signals reach no other)."""
-    main, caught = threading.current_thread() is threading.main_thread(), []
-    handler = signal.signal(signal.SIGINT, lambda *a: caught.append(a)) if main else None
+def signals_to(handler, signums=(signal.SIGINT, signal.SIGTERM)):
+    """Within the block these signals go to handler(signum, frame); the main thread only, as signals reach no other."""
+    main = threading.current_thread() is threading.main_thread()
+    old = {n: signal.signal(n, handler) for n in signums} if main else {}
     try:
         yield
     finally:
-        if main:
-            signal.signal(signal.SIGINT, handler)
-    if caught and callable(handler):  # Python's own handler raises KeyboardInterrupt here
-        handler(*caught[0])
+        for n, h in old.items():
+            signal.signal(n, h)
+
+def sigterm_as_ctrl_c(signum, frame):
+    """SIGTERM, a scheduler's notice before it kills a job (Slurm, Kubernetes), acts as Ctrl-C does."""
+    raise KeyboardInterrupt("SIGTERM")
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Ctrl-C or SIGTERM inside the block takes effect at its end, raised again to the handler outside it."""
+    caught = []
+    with signals_to(lambda n, frame: caught.append(n)):
+        yield
+    for n in caught[:1]:
+        signal.raise_signal(n)
 
 def peak_memory(dev):
     """{'cuda_peak_mb': the peak since the last call} on a GPU, else {'rss_peak_mb': the process's peak so far} (Linux, macOS)."""
@@ -842,25 +867,33 @@ def resolve(cfg, task=None):
     if cfg.reward not in ("dpg", "naive") or (cfg.reward == "naive" and ranks() > 1):
         raise BadInput(f"--reward {cfg.reward!r}: choose dpg, or naive in one process (not under torchrun)")
     if cfg.micro_batch and cfg.inner_steps is not None:
-        raise BadInput(f"--inner-steps {cfg.inner_steps} with --micro-batch {cfg.micro_batch}: give one, the other follows from M = N / (B K)")
+        raise BadInput(f"--inner-steps {cfg.inner_steps} with --micro-batch {cfg.micro_batch}: give one, the other "
+                       "follows from M = N / (B K)")
     defaults = TASKS["uuid"].defaults | (task.defaults or {})  # a partial dict keeps the rest of uuid's
     if cfg.target != "tiny":  # real targets: the paper's Adam inner loop (lr 5e-6 GPT-2, 1e-6 Llama-1B)
-        lm_task = not task.head
-        defaults |= dict(inner_opt="adam", inner_lr=1e-6 if lm_task else 5e-6, lr=1e-6 if lm_task else 5e-6, inner_steps=1, inner_eps=1e-8,
-                         max_new_tokens=max(32, defaults["max_new_tokens"]), min_new_tokens=0, seq_len=64)
+        lr = 5e-6 if task.head else 1e-6
+        defaults |= dict(inner_opt="adam", inner_lr=lr, lr=lr, inner_steps=1, inner_eps=1e-8, min_new_tokens=0,
+                         max_new_tokens=max(32, defaults["max_new_tokens"]), seq_len=64)
     if cfg.generator != "tiny":  # tuned on the tiny generator only; it keeps a copy of a real one's weights and AdamW state
         defaults["max_kl"] = 0.0
-    defaults["seq_len"] = max(defaults["seq_len"], cfg.max_new_tokens or defaults["max_new_tokens"])  # responses are not cut
+    max_new = cfg.max_new_tokens or defaults["max_new_tokens"]
+    defaults["seq_len"] = max(defaults["seq_len"], max_new)  # responses are not cut
     if cfg.reward == "naive" or cfg.target != "tiny" or cfg.generator != "tiny":
         defaults["credit"] = "example"  # one Phi per dataset; or tokenizers that may differ: the paper's credit
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
-    N, K = cfg.prompts // ranks() * cfg.rollouts, max(1, cfg.grad_accum)  # this rank's N (check_numbers refuses bad numbers next)
-    M = max(1, N // abs(cfg.micro_batch * K)) if cfg.micro_batch else cfg.inner_steps  # given B: M = N / (B K)
-    B = 0 if cfg.generator == "tiny" else cfg.micro_batch or max(1, N // max(1, M * K))  # the update's default chunk: B (tiny: all N)
-    cfg = dataclasses.replace(cfg, inner_steps=M, update_batch=B if cfg.update_batch is None else cfg.update_batch)
+    _, M, B = split(cfg)
+    chunk = 0 if cfg.generator == "tiny" else B  # the update's default chunk: B sequences (all N for the tiny generator)
+    cfg = dataclasses.replace(cfg, inner_steps=M, update_batch=chunk if cfg.update_batch is None else cfg.update_batch)
     if cfg.credit not in ("example", "token", "label") or (cfg.credit != "example" and cfg.reward != "dpg"):
         raise BadInput(f"--credit {cfg.credit!r}: choose example, or token or label with --reward dpg")
     return cfg
+
+def split(cfg):
+    """(N, M, B) of a config with its task's defaults: this rank's N = P G / R examples, M inner steps of K
+    microbatches of B examples (--micro-batch B, or B = N / (M K)). Guarded: check_numbers refuses bad numbers."""
+    N, K = cfg.prompts // ranks() * cfg.rollouts, max(1, cfg.grad_accum)
+    M = max(1, N // abs(cfg.micro_batch * K)) if cfg.micro_batch else cfg.inner_steps
+    return N, M, cfg.micro_batch or max(1, N // max(1, M * K))
 
 def get_task(cfg, task=None):
     """The task to train for: `task`; or --phi module:function[:measure], with --task's defaults; or --task."""
@@ -889,14 +922,14 @@ def out_dir(cfg, task):
     """--out, else runs/<task>-<seed> (runs/<task>-naive-<seed> for the naive baseline)."""
     return cfg.out or os.path.join("runs", f"{task_name(cfg, task)}-{'naive-' if cfg.reward == 'naive' else ''}{cfg.seed}")
 
-def check_numbers(cfg, out=None):
-    """Every rule on the numbers of a resolved Config, and on the run folder `out` that it will write, in one
-    place: a bad one is named with its flag and fix before anything is built or written."""
+def check_numbers(cfg):
+    """Every rule on the numbers of a resolved Config, in one place: a bad one is named with its flag and fix
+    before anything is built or written."""
     def bad(field, why):
         raise BadInput(f"--{field.replace('_', '-')} {getattr(cfg, field)}: {why}")
-    counts = dict.fromkeys(("prompts", "max_new_tokens", "seq_len", "inner_steps", "grad_accum", "log_every"), 1)
-    for f, least in (counts | dict.fromkeys(("steps", "min_new_tokens", "micro_batch", "pretrain_steps", "threads", "update_batch",
-                                             "save_every"), 0)).items():  # 0 has a meaning in the second group (Config)
+    at_least_1 = ("prompts", "max_new_tokens", "seq_len", "inner_steps", "grad_accum", "log_every")
+    at_least_0 = ("steps", "min_new_tokens", "micro_batch", "pretrain_steps", "threads", "update_batch", "save_every")
+    for f, least in (dict.fromkeys(at_least_1, 1) | dict.fromkeys(at_least_0, 0)).items():  # 0 means something (Config)
         if not getattr(cfg, f) >= least:
             bad(f, f"must be a whole number of {least} or more")
     for f in ("temperature", "lr", "clip", "inner_lr"):  # rates and scales
@@ -908,50 +941,73 @@ def check_numbers(cfg, out=None):
     if not 0 <= cfg.lr_decay <= 1:
         bad("lr_decay", "must be between 0 (a constant lr) and 1 (down to 0 at the last step)")
     if cfg.rollouts < 2:  # A_i compares r_i with its group's: in a group of one every advantage is 0
-        bad("rollouts", "must be 2 or more: the advantages compare the G rollouts of each prompt, and a group of 1 learns nothing")
+        bad("rollouts", "must be 2 or more: the advantages compare the G rollouts of each prompt, and a group of 1 "
+            "learns nothing")
     if cfg.min_new_tokens > cfg.max_new_tokens:
         bad("min_new_tokens", f"is above --max-new-tokens {cfg.max_new_tokens}: use at most that")
     if cfg.seq_len < cfg.max_new_tokens:
         bad("seq_len", f"is below --max-new-tokens {cfg.max_new_tokens}: responses would be cut; use at least that")
     if cfg.prompts % ranks():
         bad("prompts", f"does not split over {ranks()} torchrun ranks: use a multiple of {ranks()}")
-    N = cfg.prompts // ranks() * cfg.rollouts  # this rank's examples (all of them in one process)
+    N = split(cfg)[0]
     if N % ((cfg.micro_batch or cfg.inner_steps) * cfg.grad_accum):  # N = M K B, given M or B
-        into = f"M = {cfg.inner_steps} inner steps of K = {cfg.grad_accum} microbatches" + (f" of B = {cfg.micro_batch}" if cfg.micro_batch else "")
-        bad("micro_batch" if cfg.micro_batch else "inner_steps", f"with N = prompts x rollouts / ranks = {N} examples: they do not split "
-            f"into {into}; change --prompts, --rollouts, --grad-accum or this flag")
+        into = f"M = {cfg.inner_steps} inner steps of K = {cfg.grad_accum} microbatches"
+        into += f" of B = {cfg.micro_batch}" if cfg.micro_batch else ""
+        bad("micro_batch" if cfg.micro_batch else "inner_steps", f"with N = prompts x rollouts / ranks = {N} examples: "
+            f"they do not split into {into}; change --prompts, --rollouts, --grad-accum or this flag")
     if cfg.credit != "example" and cfg.target != cfg.generator:  # else the two tokenizers are one
         bad("credit", "pairs each target token with the generator token it came from: use a target that shares the "
             "generator's tokenizer (--target as --generator)")
-    ckpt = out and os.path.join(out, "checkpoint.pt")  # out: the folder of a run (None: --oracle, which writes none)
-    held = [f for f in RUN_FILES[:3] if out and os.path.exists(os.path.join(out, f))]
-    if cfg.resume and ckpt and os.path.exists(ckpt):  # the checkpoint's run, and no other, goes on
-        old = read_checkpoint(ckpt)
-        differ = [f"--{k.replace('_', '-')} {old['config'].get(k)} (the run's) against {v}" for k, v in dataclasses.asdict(cfg).items()
-                  if k not in RESUMABLE and old["config"].get(k) != v]
-        if differ:
-            raise BadInput(f"--resume: {out} holds another run; differing: {'; '.join(differ)}. Resume with its flags, or use another --out")
-        if cfg.steps < old["step"]:
-            bad("steps", f"is below the {old['step']} steps that the run in {out} has done: resume with at least that many")
-    elif held and not cfg.resume and not cfg.overwrite:
-        raise BadInput(f"--out {out} already holds a run ({', '.join(held)}): continue it with --resume, or choose another "
-                       "--out (--overwrite replaces it)")
     return cfg
 
-RUN_FILES = ("checkpoint.pt", "summary.json", "metrics.jsonl", "generator")  # what a run writes (and the task's PNG)
+def check_folder(cfg, out):
+    """The run-folder rules, before anything is built or written: a folder that holds any of a run's files is
+    continued from its checkpoint (--resume, with the flags it began with) or replaced (--overwrite), never taken
+    over by another run nor deleted. Returns the checkpoint that --resume continues from, or None."""
+    ckpt, held = os.path.join(out, "checkpoint.pt"), [f for f in run_files(cfg) if os.path.exists(os.path.join(out, f))]
+    if cfg.resume and os.path.exists(ckpt):  # the checkpoint's run, and no other, goes on
+        old = read_checkpoint(ckpt)
+        differ = [f"--{k.replace('_', '-')} {old['config'].get(k)} (the run's) against {v}"
+                  for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE and old["config"].get(k) != v]
+        if differ:
+            raise BadInput(f"--resume: {out} holds another run; differing: {'; '.join(differ)}. Resume with its flags, "
+                           "or use another --out")
+        if cfg.steps < old["step"]:
+            raise BadInput(f"--steps {cfg.steps}: is below the {old['step']} steps that the run in {out} has done: "
+                           "resume with at least that many")
+        if cfg.lr_decay and cfg.steps != old["config"]["steps"]:  # lr_t = lr (1 - lr_decay t / steps)
+            raise BadInput(f"--steps {cfg.steps}: the run in {out} decays its lr over the {old['config']['steps']} steps "
+                           f"it began with (--lr-decay {cfg.lr_decay}): resume with --steps {old['config']['steps']}")
+        if old.get("ranks", 1) != ranks():  # rank r samples with seed * R + r, and B is per rank
+            raise BadInput(f"--resume: the run in {out} ran in {old.get('ranks', 1)} torchrun process(es), this in "
+                           f"{ranks()}: each rank's data follows R, so resume it with {old.get('ranks', 1)}")
+        return old
+    if held and not cfg.overwrite:
+        go_on = "it has no checkpoint.pt to continue from: " if cfg.resume else "continue it with --resume, or "
+        raise BadInput(f"--out {out} already holds a run ({', '.join(held)}): {go_on}choose another --out "
+                       "(--overwrite replaces it)")
+    return None
+
+def run_files(cfg):
+    """What a run writes in its folder: its checkpoint, summary, rows, generator and the task's PNG."""
+    return ("checkpoint.pt", "summary.json", "metrics.jsonl", "generator", f"{cfg.task}.png")
+
 RESUMABLE = {"steps", "log_every", "out", "resume", "overwrite", "save_every", "update_batch", "threads", "sweep", "oracle"}
-CHECKPOINT = 2  # the checkpoint format: version 2 keeps the resolved config
+CHECKPOINT = 2  # the checkpoint format: version 2 keeps the resolved config and the ranks (none: 1 rank)
 
 def read_checkpoint(path):
-    """A checkpoint written by this dpg.py (on the CPU), or a BadInput that names the file and what to do."""
+    """A checkpoint written by this dpg.py (on the CPU), or a BadInput that names the file, the cause and what to do."""
     try:
         state = torch.load(path, map_location="cpu", mmap=True)
         why = "" if state.get("format") == CHECKPOINT else f"format {state.get('format', 1)}, this dpg.py reads {CHECKPOINT}"
-    except Exception as e:  # cut short or not a checkpoint: never a traceback, nor a fresh start over it
-        why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+    except Exception as e:  # never a traceback, nor a fresh start over it
+        lines = str(e).splitlines() or [""]
+        refused = [x.strip() for x in lines if "Unsupported global" in x]  # a weights-only load's cause
+        why = (f"a weights-only torch.load refuses an object in it: {refused[0].split(' was not')[0]}" if refused else
+               f"{type(e).__name__}: {lines[0][:160]}; it is cut short or not a checkpoint of this dpg.py")
     if why:
-        raise BadInput(f"--resume: {path} cannot be read ({why}): it is cut short or not a checkpoint of this dpg.py; "
-                       "put a whole copy back, or start again with --overwrite or another --out")
+        raise BadInput(f"--resume: {path} cannot be read ({why}): put a whole copy back, or start again with "
+                       "--overwrite or another --out")
     return state
 
 def uuid_in_greedy(gen, tok, passages, cfg):
@@ -1269,17 +1325,59 @@ def save_png(path, img, scale=10, quiet=4):
     atomic(path, b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
 
 def atomic(path, write):
-    """Write a file or folder through path.tmp<pid> and a rename, so that a Ctrl-C never leaves half of one:
-    `write` is the text or bytes, or write(tmp) writes it. A folder already at `path` is replaced."""
+    """Write a file or folder through path.tmp<pid>, flushed to disk, and a rename, so that neither a kill nor a power
+    cut leaves half of one: `write` is the text or bytes, or write(tmp) writes it. A folder at `path` is replaced."""
     tmp = f"{path}.tmp{os.getpid()}"
     if isinstance(write, (str, bytes)):
         with open(tmp, "w" if isinstance(write, str) else "wb") as f:
             f.write(write)
     else:
         write(tmp)
+    for p in [os.path.join(d, f) for d, _, files in os.walk(tmp) for f in files] + [tmp]:  # a folder's files, or the file
+        fsync(p)
+    remove(path)
+    os.replace(tmp, path)
+    fsync(os.path.dirname(os.path.abspath(path)))  # the rename itself
+
+def fsync(path):
+    """Flush a file, or a folder's list of names, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+def remove(path):
+    """Delete the file or folder at path, if there is one."""
     if os.path.isdir(path):
         shutil.rmtree(path)
-    os.replace(tmp, path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+@contextlib.contextmanager
+def holding(folder):
+    """Hold a run's folder (None: nothing) while the block runs: an exclusive flock on it, which the OS drops when the
+    process ends, however it ends. A second process is refused in one line and touches nothing."""
+    if folder is None or os.name != "posix":  # flock is POSIX's
+        yield
+        return
+    import fcntl
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BadInput(f"--out {folder} is in use by another run that is still going: wait for it to end, or "
+                           "choose another --out") from None
+        yield
+    finally:
+        os.close(fd)
+
+def clock(dev):
+    """time.time() once the device has done the work queued on it (CUDA kernels run asynchronously)."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.time()
 
 
 # ----------------------------------------------------------------------------- torchrun (a thin layer) and the command line
@@ -1318,7 +1416,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):  # every field a --flag; a bool is a switch
         typ = {"int": int, "float": float, "bool": bool}.get(getattr(f.type, "__name__", f.type), str)
-        p.add_argument("--" + f.name.replace("_", "-"), **{"action": "store_true"} if typ is bool else {"type": typ, "default": f.default})
+        kind = {"action": "store_true"} if typ is bool else {"type": typ, "default": f.default}
+        p.add_argument("--" + f.name.replace("_", "-"), **kind)
     cfg = Config(**vars(p.parse_args(argv)))
     R = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
     if R > 1 and not torch.distributed.is_initialized():
@@ -1326,22 +1425,25 @@ def main(argv=None):
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         torch.distributed.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
     try:
-        if R > 1 and cfg.oracle:
-            raise BadInput("--oracle runs in one process: start it with python, not torchrun")
-        result = oracle_check(cfg) if cfg.oracle else run(cfg)
-        if R > 1:  # rank 0 may still be writing: no rank tears the process group down before it is done
-            torch.distributed.barrier()
-        return result
+        with signals_to(sigterm_as_ctrl_c, (signal.SIGTERM,)):  # a scheduler's notice: checkpoint and exit, as Ctrl-C
+            if R > 1 and cfg.oracle:
+                raise BadInput("--oracle runs in one process: start it with python, not torchrun")
+            result = oracle_check(cfg) if cfg.oracle else run(cfg)
+            if R > 1:  # rank 0 may still be writing: no rank tears the process group down before it is done
+                torch.distributed.barrier()
+            return result
     except (BadInput, FileNotFoundError) as e:  # input a person can fix: one line, as argparse does
         p.exit(2, f"{p.prog}: error: {e}\n")
-    except KeyboardInterrupt:  # one line: where the checkpoint is, and the command that resumes from it
+    except KeyboardInterrupt as e:  # one line: where the checkpoint is, and the command that resumes from it
         ckpt = os.path.join(out_dir(cfg, get_task(cfg)), "checkpoint.pt")
         on_path = shutil.which("python")  # this interpreter by name where `python` is not it (a venv not activated)
-        python = "python" if on_path and os.path.realpath(on_path) == os.path.realpath(sys.executable) else sys.executable
-        launcher = ["torchrun", f"--nproc-per-node={R}"] if R > 1 else [python]
-        again = " ".join(map(shlex.quote, launcher + [sys.argv[0]] + (sys.argv[1:] if argv is None else argv) + ["--resume"]))
-        p.exit(130, f"{p.prog}: interrupted; " + (f"the checkpoint is {ckpt}; resume with: {again}\n"
-                                                  if os.path.exists(ckpt) else "no checkpoint was written yet\n"))
+        same = on_path and os.path.realpath(on_path) == os.path.realpath(sys.executable)
+        launcher = ["torchrun", f"--nproc-per-node={R}"] if R > 1 else ["python" if same else sys.executable]
+        args = sys.argv[1:] if argv is None else argv
+        again = " ".join(map(shlex.quote, launcher + [sys.argv[0]] + args + ["--resume"]))
+        term = e.args == ("SIGTERM",)
+        p.exit(143 if term else 130, f"{p.prog}: {'terminated' if term else 'interrupted'}; " + (
+            f"the checkpoint is {ckpt}; resume with: {again}\n" if os.path.exists(ckpt) else "no checkpoint was written yet\n"))
     finally:
         if R > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

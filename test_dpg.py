@@ -1029,7 +1029,11 @@ def made_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case,args,message", [
-    ("again", [], "already holds a run (checkpoint.pt, summary.json, metrics.jsonl): continue it with --resume"),
+    ("again", [], "already holds a run (checkpoint.pt, summary.json, metrics.jsonl, generator): continue it with --resume"),
+    ("no checkpoint", ["--resume"], "holds a run (summary.json, metrics.jsonl, generator): it has no checkpoint.pt to "),
+    ("steps under decay", ["--steps", "3", "--resume"], "decays its lr over the 2 steps it began with (--lr-decay 1.0)"),
+    ("another world size", ["--resume"], "ran in 2 torchrun process(es), this in 1: each rank's data follows R"),
+    ("in use", ["--resume"], "is in use by another run that is still going: wait for it to end, or choose another"),
     ("another task", ["--task", "uuid", "--resume"], "holds another run; differing: --task l2 (the run's) against uuid;"),
     ("other numbers", ["--lr", "1", "--prompts", "8", "--resume"], "differing: --prompts 2 (the run's) against 8; --lr 0.003 (the run's) against 1.0."),
     ("fewer steps", ["--steps", "1", "--resume"], "--steps 1: is below the 2 steps that the run in"),
@@ -1050,8 +1054,17 @@ def test_a_run_is_never_overwritten_nor_resumed_as_another(made_run, tmp_path, c
         ckpt.write_text("not a checkpoint")
     if case == "older format":  # a checkpoint of the file before the format had a number
         torch.save({k: v for k, v in torch.load(ckpt).items() if k not in ("format", "config")}, ckpt)
+    if case == "no checkpoint":  # a finished run whose checkpoint was deleted to save space
+        ckpt.unlink()
+    if case == "another world size":  # as two torchrun processes leave it
+        torch.save(torch.load(ckpt) | {"ranks": 2}, ckpt)
+    folder = os.open(out, os.O_RDONLY)
+    if case == "in use":  # as a run that is still going holds it (the OS frees the lock when its holder dies)
+        import fcntl
+        fcntl.flock(folder, fcntl.LOCK_EX)
     before = folder_bytes(out)
     proc = cli(tmp_path, "--task", "l2", "--steps", "2", "--prompts", "2", "--rollouts", "4", "--out", str(out), *args)
+    os.close(folder)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("dpg.py: error: "), proc.stderr[-2000:]
     assert message in lines[0], lines[0]
@@ -1106,6 +1119,27 @@ def test_a_run_killed_at_any_moment_resumes_to_the_uninterrupted_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (summary, rows), (summary_killed, rows_killed) = outputs(tmp_path / "whole"), outputs(out)
     assert rows_killed == rows and len(rows) == 8 and summary_killed == summary
+
+
+def test_a_measure_of_numpy_numbers_is_checkpointed_as_plain_numbers_and_resumes(tmp_path):
+    """A --phi whose measure returns numpy numbers: its checkpoint holds plain Python floats, which a weights-only
+    torch.load reads, so the run resumes; a checkpoint that does hold a numpy number is refused with that cause."""
+    (tmp_path / "npphi.py").write_text("import numpy as np\nimport dpg\n\n\ndef phi(w, ctx):\n"
+                                       "    return dpg.l2_phi(dpg.lm_head(w))\n\n\ndef norm(w, texts, ctx):\n"
+                                       "    return {'norm': np.float64(dpg.lm_head(w).norm().item())}\n")
+    out = tmp_path / "run"
+    args = ["--task", "l2", "--phi", "npphi:phi:norm", "--prompts", "2", "--rollouts", "4", "--lr-decay", "0",
+            "--out", str(out)]
+    assert cli(tmp_path, *args, "--steps", "1").returncode == 0
+    before = torch.load(out / "checkpoint.pt", weights_only=True)["before"]["norm"]
+    assert type(before) is float and before == json.load(open(out / "summary.json"))["norm_before"]
+    proc = cli(tmp_path, *args, "--steps", "2", "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [json.loads(x)["step"] for x in open(out / "metrics.jsonl")] == [0, 1]
+    import numpy as np
+    torch.save(torch.load(out / "checkpoint.pt") | {"before": {"norm": np.float64(before)}}, out / "checkpoint.pt")
+    proc = cli(tmp_path, *args, "--steps", "3", "--resume")
+    assert proc.returncode == 2 and "a weights-only torch.load refuses an object in it: " in proc.stderr, proc.stderr
 
 
 def test_hub_data_falls_back_with_a_notice():
@@ -1230,7 +1264,7 @@ def test_ctrl_c_names_the_checkpoint_and_the_resume_command(tmp_path):
     import signal
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "dpg.py"), "--task", "l2", "--steps", "500", "--prompts",
-                             "2", "--rollouts", "4", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             "2", "--rollouts", "4", "--lr-decay", "0", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not an inherited SIG_IGN
     for line in proc.stdout:
         if line.startswith("step=2 "):
@@ -1240,7 +1274,7 @@ def test_ctrl_c_names_the_checkpoint_and_the_resume_command(tmp_path):
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("dpg.py: interrupted; the checkpoint is " + str(out / "checkpoint.pt"))
-    assert last.endswith(f"--steps 500 --prompts 2 --rollouts 4 --out {out} --resume")
+    assert last.endswith(f"--steps 500 --prompts 2 --rollouts 4 --lr-decay 0 --out {out} --resume")
     step = torch.load(out / "checkpoint.pt", weights_only=False)["step"]
     assert step >= 2 and len(open(out / "metrics.jsonl").readlines()) >= step
     import shlex  # the printed command resumes (one step more, so that the test ends)
