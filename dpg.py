@@ -25,6 +25,7 @@ import inspect
 import json
 import math
 import os
+import random
 import shlex
 import shutil
 import signal
@@ -32,6 +33,7 @@ import struct
 import sys
 import threading
 import time
+import uuid
 import zlib
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -1059,37 +1061,50 @@ def least_likely_data(target, n, length, bos):
     return x[:, 1:].tolist()
 
 def oracle_data(cfg, s):
-    """{name: N examples as target token ids}: the intended data first, then English passages, random tokens and
-    the untrained generator's samples."""
+    """{name: N examples as target token ids}: the intended data first, then its closest competitors (for uuid 16
+    other random UUIDs, for language the other languages' passages), English passages, random tokens and the
+    untrained generator's samples."""
     N, L, tok = s.N, s.L, s.ttok
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     ids = lambda texts: [t[:L] for t in tok(texts, add_special_tokens=False)["input_ids"]]
     cycle = lambda xs: [xs[j % len(xs)] for j in range(N)]
-    if cfg.task in ("67", "qr"):
-        M = n_inner_steps(N, s.hp)  # at M = 1, 64 examples repeated up to N (the same step): the greedy's contexts are worse on 256
-        intended = (f"hand-built: draws the {cfg.task} pattern", cycle(pattern_data(s.target, pattern(cfg.task), min(N, 64) if M == 1 else N, L, bos, M)))
+    passages = lambda lang: cycle(ids(read_passages(lang, cfg.data)[PHI_PASSAGES:]))  # held out from Phi
+    hard = {}
+    if cfg.task in ("67", "qr"):  # at M = 1, 64 examples repeated up to N (the same step): on 256 the greedy does worse
+        M = n_inner_steps(N, s.hp)
+        toks = pattern_data(s.target, pattern(cfg.task), min(N, 64) if M == 1 else N, L, bos, M)
+        intended = (f"hand-built: draws the {cfg.task} pattern", cycle(toks))
     elif cfg.task == "l2":
         intended = ("hand-built: the target's least likely next tokens", least_likely_data(s.target, N, L, bos))
     elif cfg.task == "uuid":
-        intended = ("the UUID", cycle(ids([UUID])))
+        intended, draw = ("the UUID", cycle(ids([UUID]))), random.Random(cfg.seed)
+        others = [str(uuid.UUID(int=draw.getrandbits(128), version=4)) for _ in range(16)]  # the same shape
+        hard = {f"another random UUID ({u})": cycle(ids([u])) for u in others}
     else:
-        intended = (f"held-out {cfg.lang} passages", cycle(ids(read_passages(cfg.lang, cfg.data)[PHI_PASSAGES:])))
+        intended = (f"held-out {cfg.lang} passages", passages(cfg.lang))
+        hard = {f"held-out {x} passages": passages(x) for x in ("es", "fr", "de", "it") if x != cfg.lang}
     batch, _ = rollout(cfg, s, 0, 1_000_003 * (cfg.seed + 1))
-    return dict([intended, ("English passages", cycle(ids(s.passages))),
-                 ("random tokens", torch.randint(0, min(256, len(tok)), (N, L), generator=torch.Generator().manual_seed(cfg.seed)).tolist()),
+    noise = torch.randint(0, min(256, len(tok)), (N, L), generator=torch.Generator().manual_seed(cfg.seed))
+    return dict([intended, *hard.items(), ("English passages", cycle(ids(s.passages))), ("random tokens", noise.tolist()),
                  ("the untrained generator", batch["tokens"] if s.ttok is s.gtok else ids(batch["texts"]))])
 
 def oracle_check(cfg):
-    """Phi and the success measure after the task's inner SFT on each oracle dataset; prints a table."""
+    """Phi and the success measure after the task's inner SFT on each oracle dataset; prints a table, and where the
+    intended data ranks by Phi."""
     cfg, s = setup(cfg)
     print(f"{cfg.task}: N={s.N}, L={s.L}, M={n_inner_steps(s.N, s.hp)} inner {s.hp.optimizer} steps at lr {s.hp.lr}"
-          "\n\n| data | Phi after inner SFT | success measure |\n|---|---|---|")
+          "\n\n| data | Phi after inner SFT | gain over no SFT | success measure |\n|---|---|---|---|")
     rows, data = {}, oracle_data(cfg, s)
     for name, toks in ({"no SFT (the target as it starts)": None} | data).items():
         w = s.w0 if toks is None else inner_sft(target_loss_fn(s, None, toks), s.w0, torch.ones(s.N, device=s.dev), s.hp)
         with torch.no_grad():
             rows[name] = {"phi": s.phi(w).item(), **s.measure(w, s.ttok.batch_decode(toks or []))}
-        print(f"| {name} | {rows[name]['phi']:.6g} | " + ", ".join(f"{k} {v:.4g}" for k, v in rows[name].items() if k != "phi") + " |")
+        gain = rows[name]["phi"] - next(iter(rows.values()))["phi"]
+        measured = ", ".join(f"{k} {v:.4g}" for k, v in rows[name].items() if k != "phi")
+        print(f"| {name} | {rows[name]['phi']:.6g} | {gain:+.4g} | {measured} |")
+    intended = next(iter(data))
+    rank = sorted(data, key=lambda name: -rows[name]["phi"]).index(intended) + 1
+    print(f"\nThe intended data ({intended}) ranks {rank} of {len(data)} by Phi.")
     return rows
 
 
