@@ -2,9 +2,10 @@
 # Every experiment on the default tiny models: DPG and the naive baseline on seeds 0-4 for the head tasks
 # (67, qr, l2) and 0-2 for the LM tasks, two runs at a time (each uses one core); the oracle-data check of
 # every task; one DPG step with a real model (SmolLM2-135M-Instruct, offline) and its memory at three batch sizes.
-# A run already in runs/ is continued (--resume): an interrupted run_all.sh picks up where it stopped. Writes runs/,
-# results/results.md (medians and ranges over the seeds, which QR images scan), results/oracle.md and the
-# PNGs of seed 0.
+# A run already in runs/ is continued (--resume): an interrupted run_all.sh picks up where it stopped; a run
+# it cannot finish or continue (a refused --resume, a crash) is marked runs/<run>.failed and left out of the
+# tables. Writes runs/, results/results.md (medians and ranges over the seeds, which QR images scan),
+# results/oracle.md and the PNGs of seed 0.
 #   bash run_all.sh                                   # about 4 hours on 2 CPU cores (README "Results")
 #   SEEDS="0" HEAD_SEEDS="0" TASKS="67 uuid" REWARDS=dpg REAL=0 bash run_all.sh
 #   TASKS= REAL=0 ORACLE=0 bash run_all.sh            # only the tables, from the runs already there
@@ -17,8 +18,10 @@ REWARDS=${REWARDS-"dpg naive"}
 mkdir -p results runs
 for task in $TASKS; do case $task in 67|qr|l2) seeds=$HEAD_SEEDS;; *) seeds=$SEEDS;; esac
   for reward in $REWARDS; do for seed in $seeds; do echo "$task $reward $seed"; done; done; done |
-  xargs -r -P 2 -L 1 sh -c 'python dpg.py --task $0 --reward $1 --seed $2 --out runs/$0-$1-$2 --resume > runs/$0-$1-$2.log 2>&1;
-                          echo "$0 $1 seed $2: $(tail -n 1 runs/$0-$1-$2.log | cut -c1-160)"'
+  xargs -r -P 2 -L 1 sh -c 'run=runs/$0-$1-$2  # a run it cannot finish or continue is marked, and never tabled
+    if python dpg.py --task $0 --reward $1 --seed $2 --out $run --resume > $run.log 2>&1; then rm -f $run.failed
+    else tail -n 1 $run.log > $run.failed; fi
+    echo "$0 $1 seed $2: $(tail -n 1 $run.log | cut -c1-160)"'
 
 if [ "${ORACLE:-1}" = 1 ]; then  # the precondition of every effect (README "The oracle-data check")
   for task in 67 qr l2 uuid language; do python dpg.py --task "$task" --oracle; echo; done > results/oracle.md
@@ -41,8 +44,12 @@ rows = ["| task | reward | seeds | minutes | Phi: untrained -> trained generator
         "| steps the trust region halved (skipped) |", "|---|---|---|---|---|---|---|---|---|"]
 for task, key in measure.items():
     for reward in ("dpg", "naive"):
-        runs = []
+        runs, failed = [], sorted(glob.glob(f"runs/{task}-{reward}-*.failed"))
+        if failed:
+            print(f"not tabled, as this script could not finish or continue them (their .log says why): {failed}")
         for path in sorted(glob.glob(f"runs/{task}-{reward}-*/summary.json")):
+            if os.path.exists(os.path.dirname(path) + ".failed"):
+                continue
             s = json.load(open(path))
             log = [json.loads(l) for l in open(os.path.join(os.path.dirname(path), "metrics.jsonl"))]
             tail = [r["phi"] for r in log[int(0.8 * len(log)):]]
