@@ -508,7 +508,8 @@ def reinforce_step(gen, opt, batch, advantages, temperature, clip, max_kl=0.0, h
         part = -(A[c].detach() * lp).sum(1).sum() / N
         if Q is not None:  # every label's reward, written or not: each logit moves along its own, whatever pi(y)
             # d loss / d z_tau,y = -(Q_tau(y) - mean_y' Q_tau(y')) / N: the tabular natural gradient of a softmax policy
-            part = part - ((logps * (Q[c] - Q[c].mean(-1, keepdim=True)).detach()).sum(-1) * batch["rmask"][c]).sum(1).sum() / N
+            per_token = (logps * (Q[c] - Q[c].mean(-1, keepdim=True)).detach()).sum(-1)  # (n, Tr)
+            part = part - (per_token * batch["rmask"][c]).sum() / N
         part.backward()
         logp.append(lp.detach())
         loss += part.item()
@@ -533,8 +534,9 @@ def reinforce_step(gen, opt, batch, advantages, temperature, clip, max_kl=0.0, h
             step_kl = all_sum([(torch.exp(d) - 1 - d).sum(1).mean()], 1 / ranks())[0].item()
         if step_kl <= max_kl:
             return loss, step_kl, 1 / 2**k
-        gen.load_state_dict(saved[0])  # rejected: the weights and AdamW's state as they were; a copy of the
-        opt.load_state_dict(copy.deepcopy(saved[1]))  # state, as AdamW keeps the tensors it loads and steps them in place
+        # rejected: the weights and AdamW's state as they were (a copy: AdamW keeps the tensors it loads, in place)
+        gen.load_state_dict(saved[0])
+        opt.load_state_dict(copy.deepcopy(saved[1]))
     return loss, 0.0, 0.0  # nothing fits: this step is skipped
 
 def naive_rewards(loss_fn, params, n, group, phi, hp):
@@ -544,7 +546,8 @@ def naive_rewards(loss_fn, params, n, group, phi, hp):
     r, hp_k = torch.empty(n, device=p0.device), dataclasses.replace(hp, micro_batch=max(1, hp.micro_batch // group))
     for k in range(group):
         idx = torch.arange(k, n, group)  # (N/G,) one rollout per prompt
-        w = inner_sft(lambda w, j: loss_fn(w, idx[j]), params, torch.ones(len(idx), dtype=p0.dtype, device=p0.device), hp_k)
+        ones = torch.ones(len(idx), dtype=p0.dtype, device=p0.device)
+        w = inner_sft(lambda w, j: loss_fn(w, idx[j]), params, ones, hp_k)
         with torch.no_grad():
             r[idx] = phi(w).float()
     return r
@@ -573,8 +576,9 @@ def run(cfg, task=None):
     def evaluate(batch, loss_fn):  # Phi and the success measure after a plain inner SFT on this batch
         w = inner_sft(loss_fn, w0, torch.ones(shape, device=s.dev), hp)
         with torch.no_grad():  # plain Python numbers, as a weights-only torch.load of the checkpoint wants them
-            measured = {k: v.item() if hasattr(v, "item") else v for k, v in s.measure(w, all_lists(batch["texts"])).items()}
-            samples = [readable(s.gtok, t)[:100] for t in batch["tokens"][:: max(1, N // 4)]]  # one per 4th of the prompts
+            measured = s.measure(w, all_lists(batch["texts"]))
+            measured = {k: v.item() if hasattr(v, "item") else v for k, v in measured.items()}
+            samples = [readable(s.gtok, t)[:100] for t in batch["tokens"][:: max(1, N // 4)]]  # from 4 prompts
             return {"phi": s.phi(w).item(), **measured, "samples": samples}, w
 
     def save(done):  # after `done` whole steps, each logged: the generator, AdamW and what a resume checks and needs
@@ -586,7 +590,7 @@ def run(cfg, task=None):
 
     start, elapsed, eval_seed = 0, 0.0, 1_000_003 * (cfg.seed + 1)
     with holding(out if main_rank else None), open(log_path if main_rank else os.devnull, "a") as log:
-        for f in os.listdir(out) if main_rank else []:  # what a killed process left half-written: we hold the folder now
+        for f in os.listdir(out) if main_rank else []:  # what a killed writer left: this process holds the folder
             if f.rpartition(".tmp")[2].isdigit():
                 remove(os.path.join(out, f))
         if s.checkpoint is not None:
@@ -629,7 +633,7 @@ def run(cfg, task=None):
                 t.append(clock(s.dev))
                 # stateless: a resumed run takes the same lr (and may not change --steps while it decays)
                 opt.param_groups[0]["lr"] = cfg.lr * (1 - cfg.lr_decay * step / cfg.steps)
-                with signals_deferred():  # Ctrl-C and SIGTERM wait for the update and its row: a step is whole or not begun
+                with signals_deferred():  # Ctrl-C and SIGTERM wait for the update and its row: a step is whole
                     _, step_kl, lr_taken = reinforce_step(gen, opt, batch, adv.to(s.dev), cfg.temperature, cfg.clip,
                                                           cfg.max_kl, Q=Q, chunk=cfg.update_batch)
                     t.append(clock(s.dev))
@@ -687,7 +691,8 @@ def setup(cfg, task=None, out=None):
     phi, measure = make_task(cfg, target, ttok, w0, task)
     cfg = dataclasses.replace(cfg, sweep=picks_sweep(w0, cfg.sweep or None))  # the mode of the rewards at M >= 2
     N, _, B = split(cfg)
-    hp = Inner(lr=cfg.inner_lr, micro_batch=B, grad_accum=cfg.grad_accum, optimizer=cfg.inner_opt, adam_eps=cfg.inner_eps)
+    hp = Inner(lr=cfg.inner_lr, micro_batch=B, grad_accum=cfg.grad_accum, optimizer=cfg.inner_opt,
+               adam_eps=cfg.inner_eps)
     return cfg, SimpleNamespace(task=task, gen=gen, gtok=gtok, target=target, ttok=ttok, dev=dev, w0=w0, phi=phi,
                                 measure=measure, N=N, L=cfg.seq_len, hp=hp, passages=read_passages("en", cfg.data),
                                 checkpoint=checkpoint)
@@ -734,10 +739,11 @@ def signals_deferred():
         signal.raise_signal(n)
 
 def peak_memory(dev):
-    """{'cuda_peak_mb': the peak since the last call} on a GPU, else {'rss_peak_mb': the process's peak so far} (Linux, macOS)."""
+    """{'cuda_peak_mb': the peak since the last call} on a GPU, else {'rss_peak_mb': the process's peak so far}."""
     import resource
     if dev.type != "cuda":
-        return {"rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)}
+        kb = 2**10 if sys.platform == "darwin" else 1  # ru_maxrss: bytes on macOS, kB on Linux
+        return {"rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / kb / 2**10}
     peak, _ = torch.cuda.max_memory_allocated(dev) / 2**20, torch.cuda.reset_peak_memory_stats(dev)
     return {"cuda_peak_mb": peak}
 
@@ -788,8 +794,9 @@ def pattern_task(name, **defaults):
             raise BadInput(f"the {name} patch is {tuple(S.shape)} but the target's head W is only {tuple(W0.shape)} "
                            f"(hidden, vocab): use a target with hidden >= {S.shape[0]} and vocabulary >= {S.shape[1]}")
         return pattern_phi(lm_head(w), W0, S)
-    return Task(phi, lambda w, texts, ctx: {"pixel_accuracy": pixel_accuracy(lm_head(w), lm_head(ctx.w0), pattern(name))},
-                _PATTERN | defaults, head=True)
+    def measure(w, texts, ctx):
+        return {"pixel_accuracy": pixel_accuracy(lm_head(w), lm_head(ctx.w0), pattern(name))}
+    return Task(phi, measure, _PATTERN | defaults, head=True)
 
 def uuid_shares(texts):
     """How close the samples come to the UUID: the share that contain it, and the mean length (characters) of
@@ -876,7 +883,7 @@ def resolve(cfg, task=None):
         lr = 5e-6 if task.head else 1e-6
         defaults |= dict(inner_opt="adam", inner_lr=lr, lr=lr, inner_steps=1, inner_eps=1e-8, min_new_tokens=0,
                          max_new_tokens=max(32, defaults["max_new_tokens"]), seq_len=64)
-    if cfg.generator != "tiny":  # tuned on the tiny generator only; it keeps a copy of a real one's weights and AdamW state
+    if cfg.generator != "tiny":  # tuned on the tiny generator only; it copies a real one's weights and AdamW state
         defaults["max_kl"] = 0.0
     max_new = cfg.max_new_tokens or defaults["max_new_tokens"]
     defaults["seq_len"] = max(defaults["seq_len"], max_new)  # responses are not cut
@@ -884,7 +891,7 @@ def resolve(cfg, task=None):
         defaults["credit"] = "example"  # one Phi per dataset; or tokenizers that may differ: the paper's credit
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
     _, M, B = split(cfg)
-    chunk = 0 if cfg.generator == "tiny" else B  # the update's default chunk: B sequences (all N for the tiny generator)
+    chunk = 0 if cfg.generator == "tiny" else B  # the update's default chunk: B sequences (all N for a tiny generator)
     cfg = dataclasses.replace(cfg, inner_steps=M, update_batch=chunk if cfg.update_batch is None else cfg.update_batch)
     if cfg.credit not in ("example", "token", "label") or (cfg.credit != "example" and cfg.reward != "dpg"):
         raise BadInput(f"--credit {cfg.credit!r}: choose example, or token or label with --reward dpg")
@@ -978,8 +985,9 @@ def check_folder(cfg, out):
             raise BadInput(f"--steps {cfg.steps}: is below the {old['step']} steps that the run in {out} has done: "
                            "resume with at least that many")
         if cfg.lr_decay and cfg.steps != old["config"]["steps"]:  # lr_t = lr (1 - lr_decay t / steps)
-            raise BadInput(f"--steps {cfg.steps}: the run in {out} decays its lr over the {old['config']['steps']} steps "
-                           f"it began with (--lr-decay {cfg.lr_decay}): resume with --steps {old['config']['steps']}")
+            began = old["config"]["steps"]
+            raise BadInput(f"--steps {cfg.steps}: the run in {out} decays its lr over the {began} steps it began "
+                           f"with (--lr-decay {cfg.lr_decay}): resume with --steps {began}")
         if old.get("ranks", 1) != ranks():  # rank r samples with seed * R + r, and B is per rank
             raise BadInput(f"--resume: the run in {out} ran in {old.get('ranks', 1)} torchrun process(es), this in "
                            f"{ranks()}: each rank's data follows R, so resume it with {old.get('ranks', 1)}")
@@ -994,14 +1002,16 @@ def run_files(cfg):
     """What a run writes in its folder: its checkpoint, summary, rows, generator and the task's PNG."""
     return ("checkpoint.pt", "summary.json", "metrics.jsonl", "generator", f"{cfg.task}.png")
 
-RESUMABLE = {"steps", "log_every", "out", "resume", "overwrite", "save_every", "update_batch", "threads", "sweep", "oracle"}
+RESUMABLE = {"steps", "log_every", "out", "resume", "overwrite", "save_every", "update_batch", "threads", "sweep",
+             "oracle"}  # the flags a --resume may change
 CHECKPOINT = 2  # the checkpoint format: version 2 keeps the resolved config and the ranks (none: 1 rank)
 
 def read_checkpoint(path):
     """A checkpoint written by this dpg.py (on the CPU), or a BadInput that names the file, the cause and what to do."""
     try:
         state = torch.load(path, map_location="cpu", mmap=True)
-        why = "" if state.get("format") == CHECKPOINT else f"format {state.get('format', 1)}, this dpg.py reads {CHECKPOINT}"
+        version = state.get("format", 1)
+        why = "" if version == CHECKPOINT else f"format {version}, this dpg.py reads {CHECKPOINT}"
     except Exception as e:  # never a traceback, nor a fresh start over it
         lines = str(e).splitlines() or [""]
         refused = [x.strip() for x in lines if "Unsupported global" in x]  # a weights-only load's cause
@@ -1428,7 +1438,8 @@ def all_lists(xs):
     return [x for part in out for x in part]
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):  # every field a --flag; a bool is a switch
         typ = {"int": int, "float": float, "bool": bool}.get(getattr(f.type, "__name__", f.type), str)
         kind = {"action": "store_true"} if typ is bool else {"type": typ, "default": f.default}
@@ -1457,8 +1468,9 @@ def main(argv=None):
         args = sys.argv[1:] if argv is None else argv
         again = " ".join(map(shlex.quote, launcher + [sys.argv[0]] + args + ["--resume"]))
         term = e.args == ("SIGTERM",)
-        p.exit(143 if term else 130, f"{p.prog}: {'terminated' if term else 'interrupted'}; " + (
-            f"the checkpoint is {ckpt}; resume with: {again}\n" if os.path.exists(ckpt) else "no checkpoint was written yet\n"))
+        where = "no checkpoint was written yet"
+        where = f"the checkpoint is {ckpt}; resume with: {again}" if os.path.exists(ckpt) else where
+        p.exit(143 if term else 130, f"{p.prog}: {'terminated' if term else 'interrupted'}; {where}\n")
     finally:
         if R > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
