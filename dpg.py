@@ -1274,8 +1274,8 @@ def build_models(cfg, head=False):
     if cfg.generator == "tiny":
         # identifiers for uuid only: with them, language's untrained soup comes close to Spanish for Phi
         # (results/NOTES.md)
-        texts = generator_texts(cfg.seed, cfg.task == "uuid")
-        gen, gtok = pretrain(tiny_lm("gpt2", len(tok), 64, 2, cfg.seed), tok, texts, cfg.pretrain_steps, cfg.seed), tok
+        gen = tiny_lm("gpt2", len(tok), 64, 2, cfg.seed)
+        gen, gtok = pretrain(gen, tok, generator_texts(cfg.seed, cfg.task == "uuid"), cfg.pretrain_steps, cfg.seed), tok
     else:
         gen, gtok = load_model(cfg.generator, "--generator")
     if cfg.target == "tiny":
