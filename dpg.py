@@ -1134,8 +1134,9 @@ def oracle_data(cfg, s):
         hard = {f"held-out {x} passages": passages(x) for x in ("es", "fr", "de", "it") if x != cfg.lang}
     batch, _ = rollout(cfg, s, 0, 1_000_003 * (cfg.seed + 1))
     noise = torch.randint(0, min(256, len(tok)), (N, L), generator=torch.Generator().manual_seed(cfg.seed))
-    return dict([intended, *hard.items(), ("English passages", cycle(ids(s.passages))), ("random tokens", noise.tolist()),
-                 ("the untrained generator", batch["tokens"] if s.ttok is s.gtok else ids(batch["texts"]))])
+    untrained = batch["tokens"] if s.ttok is s.gtok else ids(batch["texts"])
+    return dict([intended, *hard.items(), ("English passages", cycle(ids(s.passages))),
+                 ("random tokens", noise.tolist()), ("the untrained generator", untrained)])
 
 def oracle_check(cfg):
     """Phi and the success measure after the task's inner SFT on each oracle dataset; prints a table, and where the
@@ -1145,7 +1146,8 @@ def oracle_check(cfg):
           "\n\n| data | Phi after inner SFT | gain over no SFT | success measure |\n|---|---|---|---|")
     rows, data = {}, oracle_data(cfg, s)
     for name, toks in ({"no SFT (the target as it starts)": None} | data).items():
-        w = s.w0 if toks is None else inner_sft(target_loss_fn(s, None, toks), s.w0, torch.ones(s.N, device=s.dev), s.hp)
+        ones = torch.ones(s.N, device=s.dev)
+        w = s.w0 if toks is None else inner_sft(target_loss_fn(s, None, toks), s.w0, ones, s.hp)
         with torch.no_grad():
             rows[name] = {"phi": s.phi(w).item(), **s.measure(w, s.ttok.batch_decode(toks or []))}
         gain = rows[name]["phi"] - next(iter(rows.values()))["phi"]
@@ -1405,7 +1407,7 @@ def atomic(path, write):
             f.write(write)
     else:
         write(tmp)
-    for p in [os.path.join(d, f) for d, _, files in os.walk(tmp) for f in files] + [tmp]:  # a folder's files, or the file
+    for p in [os.path.join(d, f) for d, _, files in os.walk(tmp) for f in files] + [tmp]:  # a folder's files too
         fsync(p)
     remove(path)
     os.replace(tmp, path)
