@@ -119,9 +119,9 @@ class Config:
     out: str = ""
     """output folder (default runs/<task>-<seed>, runs/<task>-naive-<seed> for naive)"""
     save_every: int = 25
-    """steps between checkpoints; one is also written at the end and on Ctrl-C (0: only then)"""
+    """steps between checkpoints; one is also written at the end and on Ctrl-C or SIGTERM (0: only then)"""
     resume: bool = False
-    """continue the run in --out from its checkpoint.pt (the same flags; --steps may grow)"""
+    """continue the run in --out from its checkpoint.pt (the same flags; --steps may grow if the lr does not decay)"""
     overwrite: bool = False
     """replace the run that --out holds (without it, a folder with a run is refused)"""
     oracle: bool = False
