@@ -626,7 +626,7 @@ def run(cfg, task=None):
         else:
             if main_rank:  # nothing of an older run stays (--overwrite); the log, held open here, is emptied
                 log.truncate(0)
-                for f in set(run_files(cfg)) - {"metrics.jsonl"}:
+                for f in ("checkpoint.pt", "summary.json", "generator", f"{cfg.task}.png"):
                     remove(os.path.join(out, f))
             before, _ = evaluate(*rollout(cfg, s, 0, eval_seed))
         say(f"{task_name(cfg, s.task)} {cfg.reward}: N={N * ranks()} examples/step, M={n_inner_steps(N, hp)} inner "
@@ -819,8 +819,7 @@ def pattern_task(name, **defaults):
             raise BadInput(f"the {name} patch is {tuple(S.shape)} but the target's head W is only {tuple(W0.shape)} "
                            f"(hidden, vocab): use a target with hidden >= {S.shape[0]} and vocabulary >= {S.shape[1]}")
         return pattern_phi(lm_head(w), W0, S)
-    def measure(w, texts, ctx):
-        return {"pixel_accuracy": pixel_accuracy(lm_head(w), lm_head(ctx.w0), pattern(name))}
+    measure = lambda w, texts, ctx: {"pixel_accuracy": pixel_accuracy(lm_head(w), lm_head(ctx.w0), pattern(name))}
     return Task(phi, measure, _PATTERN | defaults, head=True)
 
 def uuid_shares(texts):
@@ -1010,7 +1009,8 @@ def check_folder(cfg, out):
     """The run-folder rules, before anything is built or written: a folder that holds any of a run's files is
     continued from its checkpoint (--resume, with the flags it began with) or replaced (--overwrite), never taken
     over by another run nor deleted. Returns the checkpoint that --resume continues from, or None."""
-    ckpt, held = os.path.join(out, "checkpoint.pt"), [f for f in run_files(cfg) if os.path.exists(os.path.join(out, f))]
+    ckpt, files = os.path.join(out, "checkpoint.pt"), RUN_FILES + (f"{cfg.task}.png",)
+    held = [f for f in files if os.path.exists(os.path.join(out, f))]
     if cfg.resume and os.path.exists(ckpt):  # the checkpoint's run, and no other, goes on
         old = read_checkpoint(ckpt)
         differ = [f"--{k.replace('_', '-')} {old['config'].get(k)} (the run's) against {v}"
@@ -1035,10 +1035,7 @@ def check_folder(cfg, out):
                        "(--overwrite replaces it)")
     return None
 
-def run_files(cfg):
-    """What a run writes in its folder: its checkpoint, summary, rows, generator and the task's PNG."""
-    return ("checkpoint.pt", "summary.json", "metrics.jsonl", "generator", f"{cfg.task}.png")
-
+RUN_FILES = ("checkpoint.pt", "summary.json", "metrics.jsonl", "generator")  # what a run writes (and the task's PNG)
 RESUMABLE = {"steps", "log_every", "out", "resume", "overwrite", "save_every", "update_batch", "threads", "sweep",
              "oracle"}  # the flags a --resume may change
 CHECKPOINT = 2  # the checkpoint format: version 2 keeps the resolved config and the ranks (none: 1 rank)
