@@ -17,7 +17,8 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.models.llama import modeling_llama
 
 import dpg
@@ -43,7 +44,7 @@ def toy_target(arch="gpt2", d=8, seed=0, dtype=torch.float64):
         for m in model.modules():  # HF's RMSNorm computes in float32 even in a float64 model, which
             if type(m).__name__ == "LlamaRMSNorm":  # would leave 1e-8 noise in Phi and spoil the FD oracle
                 m.forward = lambda x, m=m: m.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon)
-        modeling_llama.eager_attention_forward = eager_attention_fp64  # same reason: its softmax is float32
+        model.config._attn_implementation = "eager_fp64"  # same reason: eager's softmax is float32 (this model only)
     return model.to(dtype).eval()
 
 
@@ -55,6 +56,11 @@ def eager_attention_fp64(module, query, key, value, attention_mask, scaling, dro
         weights = weights + attention_mask[..., : key.shape[-2]]
     weights = torch.softmax(weights, -1)
     return (weights @ value).transpose(1, 2).contiguous(), weights
+
+
+# registered under its own name: only the toy Llama targets that ask for it use it, no global function is replaced
+AttentionInterface.register("eager_fp64", eager_attention_fp64)
+AttentionMaskInterface.register("eager_fp64", eager_mask)  # the additive float mask that eager attention takes
 
 
 def toy_data(n, T=7, seed=0):
@@ -781,6 +787,73 @@ def test_trust_region_takes_the_largest_halved_step_within_max_kl():
         diff = lambda a, b: max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
         assert diff(g, oracle) <= 1e-3 * diff(oracle, gen)  # float32 noise of the two log-prob paths
         assert opt.param_groups[0]["lr"] == lr  # the lr is given back for the next step
+
+
+def adamw_state(opt):
+    """AdamW's whole state as plain data: every tensor with its dtype, and the param groups (lr, betas, ...)."""
+    sd = opt.state_dict()
+    return [(i, k, v.dtype, v.tolist()) for i, st in sorted(sd["state"].items()) for k, v in sorted(st.items())], \
+        sd["param_groups"]
+
+
+@pytest.mark.parametrize("k", [2, 3, None])
+def test_trust_region_from_a_used_adamw_state(k):
+    """The trust region after AdamW has taken steps (moments and a step count to keep): with k >= 2 halvings forced
+    by the bound, the step kept is one torch.optim.AdamW step at lr / 2^k from the state before the call, replayed
+    here on a copy (float64: the same weights and moments to float rounding, and the same gradient as a full
+    forward gives); a bound no halving meets (None) leaves the weights and AdamW's whole state byte-identical."""
+    tok, temp, lr = dpg.byte_tokenizer(), 1.0, 3e-2
+    gen = dpg.tiny_lm("gpt2", len(tok), 16, 1, seed=3, tie=False).double()
+    torch.manual_seed(0)
+    batch = dpg.sample(gen, tok, ["Rephrase: a b", "Rephrase: the river"], 4, 6, temp)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5] * 2, dtype=torch.float64)
+    n = batch["n_prompt"]
+    opt = torch.optim.AdamW(gen.parameters(), lr=lr)
+    for a in (adv.flip(0), adv.roll(1)):  # two plain steps: AdamW holds moments and step = 2
+        dpg.reinforce_step(gen, opt, batch, a, temp, 1.0)
+    assert all(int(st["step"]) == 2 for st in opt.state.values())
+
+    def logp(model):  # (N, Tr) by a full forward of prompt + response
+        pos = (batch["attn"].cumsum(1) - 1).clamp(min=0)
+        logits = model(batch["ids"], attention_mask=batch["attn"], position_ids=pos).logits[:, n - 1:-1] / temp
+        return torch.log_softmax(logits, -1).gather(-1, batch["ids"][:, n:, None])[..., 0] * batch["rmask"]
+
+    def replay(j):  # AdamW at lr / 2^j from a copy of the used state: (generator, its optimizer, its KL)
+        g = copy.deepcopy(gen)
+        o = torch.optim.AdamW(g.parameters(), lr=lr / 2**j)
+        o.load_state_dict(copy.deepcopy(opt.state_dict()))
+        o.param_groups[0]["lr"] = lr / 2**j
+        o.zero_grad()  # the copy holds the last step's gradient
+        old = logp(g).detach()
+        (-(adv[:, None] * logp(g)).sum(1).mean()).backward()
+        torch.nn.utils.clip_grad_norm_(g.parameters(), 1.0)
+        o.step()
+        with torch.no_grad():
+            d = logp(g) - old
+        return g, o, (torch.exp(d) - 1 - d).sum(1).mean().item()
+
+    replays = [replay(j) for j in range(5)]
+    kls = [x[2] for x in replays]
+    assert all(a > b > 0 for a, b in zip(kls, kls[1:]))  # halving the lr shrinks the KL
+    bound = 1e-30 if k is None else math.sqrt(kls[k - 1] * kls[k])  # between the KLs of lr / 2^(k-1) and lr / 2^k
+    before_w, before_opt = copy.deepcopy(gen.state_dict()), adamw_state(opt)
+    _, kl, taken = dpg.reinforce_step(gen, opt, batch, adv, temp, 1.0, max_kl=bound)
+    if k is None:  # skipped: nothing of the step is left, in the weights or in AdamW
+        assert taken == 0 and adamw_state(opt) == before_opt
+        assert all(torch.equal(p, before_w[name]) and p.dtype == before_w[name].dtype
+                   for name, p in gen.state_dict().items())
+        return
+    oracle, oracle_opt, oracle_kl = replays[k]
+    assert taken == 2.0**-k and kl <= bound and math.isclose(kl, oracle_kl, rel_tol=1e-9)
+    for p, q in zip(gen.parameters(), oracle.parameters()):  # the same gradient, however the log-probs are formed
+        assert (p.grad - q.grad).abs().max() <= 1e-10 * q.grad.abs().max()
+    step = max((q - before_w[name]).abs().max().item() for name, q in oracle.state_dict().items())
+    assert max((p - q).abs().max().item() for p, q in zip(gen.parameters(), oracle.parameters())) <= 1e-9 * step
+    (mine, groups), (theirs, oracle_groups) = adamw_state(opt), adamw_state(oracle_opt)
+    assert [x[:3] for x in mine] == [x[:3] for x in theirs] and groups[0]["lr"] == lr  # the lr is given back
+    for (_, key, _, a), (_, _, _, b) in zip(mine, theirs):  # step = 3: stepped once from the saved state
+        a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+        assert (a - b).abs().max() <= 1e-9 * b.abs().max(), key
 
 
 @pytest.mark.parametrize("credit", ["example", "token", "label"])
