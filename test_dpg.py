@@ -849,7 +849,7 @@ def test_trust_region_from_a_used_adamw_state(k):
         assert (p.grad - q.grad).abs().max() <= 1e-10 * q.grad.abs().max()
     step = max((q - before_w[name]).abs().max().item() for name, q in oracle.state_dict().items())
     assert max((p - q).abs().max().item() for p, q in zip(gen.parameters(), oracle.parameters())) <= 1e-9 * step
-    (mine, groups), (theirs, oracle_groups) = adamw_state(opt), adamw_state(oracle_opt)
+    (mine, groups), (theirs, _) = adamw_state(opt), adamw_state(oracle_opt)
     assert [x[:3] for x in mine] == [x[:3] for x in theirs] and groups[0]["lr"] == lr  # the lr is given back
     for (_, key, _, a), (_, _, _, b) in zip(mine, theirs):  # step = 3: stepped once from the saved state
         a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
@@ -960,19 +960,96 @@ def test_png_round_trip(tmp_path):
     assert rows[2][2] == 0 and rows[2][4] == 255 and rows[0][0] == 255  # dark module, light module, quiet zone
 
 
-def test_qr_png_decodes_with_opencv(tmp_path):
-    """The QR task's pattern, written as the run writes its patch (dark where S = -1), scans with a standard
-    decoder to the encoded URL; with two data modules flipped it still does (error correction), from noise it reads nothing."""
-    cv2 = pytest.importorskip("cv2", reason="pip install opencv-python-headless to check that QR images scan")
+ALNUM = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ $%*+-./:"
+QR_MASKS = (lambda i, j: (i + j) % 2 == 0, lambda i, j: i % 2 == 0, lambda i, j: j % 3 == 0,
+            lambda i, j: (i + j) % 3 == 0, lambda i, j: (i // 2 + j // 3) % 2 == 0,
+            lambda i, j: i * j % 2 + i * j % 3 == 0, lambda i, j: (i * j % 2 + i * j % 3) % 2 == 0,
+            lambda i, j: ((i + j) % 2 + i * j % 3) % 2 == 0)
+
+
+def gf_mul(a, b):
+    """Product in GF(256) with QR's polynomial x^8 + x^4 + x^3 + x^2 + 1."""
+    out = 0
+    while b:
+        out, a, b = out ^ (a if b & 1 else 0), (a << 1) ^ (0x11D if a & 0x80 else 0), b >> 1
+    return out
+
+
+def qr_decode_version1(M):
+    """A version-1 QR code (21 x 21, True = dark) read by hand, as ISO/IEC 18004 lays it out: the format bits
+    (BCH-checked), the mask undone, the 26 codewords read in the zigzag order, the 7 error-correction codewords
+    checked by polynomial division over GF(256), and the alphanumeric segment parsed. Returns (level, text)."""
+    bits = [M[8][j] for j in (0, 1, 2, 3, 4, 5, 7, 8)] + [M[i][8] for i in (7, 5, 4, 3, 2, 1, 0)]
+    word = int("".join("1" if b else "0" for b in bits), 2) ^ 0b101010000010010
+    rem = word
+    for shift in range(14, 9, -1):  # BCH(15, 5): divisible by the generator 10100110111
+        if rem >> shift & 1:
+            rem ^= 0b10100110111 << (shift - 10)
+    assert rem == 0, "the format bits are not a BCH codeword"
+    level, mask = "MLHQ"[word >> 13], QR_MASKS[word >> 10 & 7]
+    # function patterns: finders with separators and format areas, the timing row and column
+    function = lambda i, j: i == 6 or j == 6 or (i < 9 and j < 9) or (i < 9 and j > 12) or (i > 12 and j < 9)
+    stream = []
+    for right in range(20, 0, -2):  # column pairs from the right, up then down; column 6 is skipped
+        right = right - 1 if right <= 6 else right
+        rows = range(20, -1, -1) if (20 - right) // 2 % 2 == 0 else range(21)
+        stream += [M[i][j] ^ mask(i, j) for i in rows for j in (right, right - 1) if not function(i, j)]
+    assert len(stream) == 26 * 8
+    codewords = [int("".join("1" if b else "0" for b in stream[8 * k: 8 * k + 8]), 2) for k in range(26)]
+    ec = {"L": 7, "M": 10, "Q": 13, "H": 17}[level]
+    generator = [1]  # prod_{i < ec} (x - alpha^i), highest power first
+    for i in range(ec):
+        alpha = 1
+        for _ in range(i):
+            alpha = gf_mul(alpha, 2)
+        generator = [a ^ gf_mul(b, alpha) for a, b in zip(generator + [0], [0] + generator)]
+    rem = codewords[: 26 - ec] + [0] * ec  # data x^ec mod generator: the EC codewords it must carry
+    for k in range(26 - ec):
+        c = rem[k]
+        if c:
+            for t in range(ec + 1):
+                rem[k + t] ^= gf_mul(generator[t], c)
+    assert rem[26 - ec:] == codewords[26 - ec:], "the error-correction codewords do not match the data"
+    data = "".join(f"{c:08b}" for c in codewords[: 26 - ec])
+    assert data[:4] == "0010", "not an alphanumeric segment"
+    n, pos, text = int(data[4:13], 2), 13, ""
+    while len(text) < n:
+        width = 11 if n - len(text) >= 2 else 6
+        v = int(data[pos: pos + width], 2)
+        text, pos = text + (ALNUM[v // 45] + ALNUM[v % 45] if width == 11 else ALNUM[v]), pos + width
+    end = -(-pos // 8) * 8  # the terminator 0000 (shorter at the very end) and zeros to a whole byte, then the pad
+    pads = data[max(end, pos + 4):]  # codewords 11101100 00010001 11101100 ... (here none: 24 characters fill it)
+    assert data[pos: max(end, pos + 4)].strip("0") == "" and pads == ("1110110000010001" * 10)[: len(pads)]
+    return level, text
+
+
+def png_modules(path, scale=10, quiet=4):
+    """The modules of a PNG that save_png wrote (8-bit gray, filter 0), read back at each module's centre: True = dark."""
+    data = open(path, "rb").read()
+    w = int.from_bytes(data[16:20], "big")
+    idat = data.index(b"IDAT")
+    raw = zlib.decompress(data[idat + 4: idat + 4 + int.from_bytes(data[idat - 4: idat], "big")])
+    px = lambda i, j: raw[i * (w + 1) + 1 + j]
+    n = w // scale - 2 * quiet
+    return [[px((quiet + i) * scale + scale // 2, (quiet + j) * scale + scale // 2) == 0 for j in range(n)]
+            for i in range(n)]
+
+
+def test_qr_png_decodes_to_the_papers_address(tmp_path):
+    """The QR task's pattern, written as the run writes its patch (dark where S = -1) and read back from the PNG,
+    decodes by hand (format bits, mask, zigzag, Reed-Solomon check, alphanumeric segment) to the paper's address
+    at level L. One flipped data module breaks the Reed-Solomon check, noise the format bits: the decoder can fail."""
     S = dpg.pattern("qr")
-    decode = lambda img: (dpg.save_png(str(tmp_path / "qr.png"), img),
-                          cv2.QRCodeDetector().detectAndDecode(cv2.imread(str(tmp_path / "qr.png")))[0])[1]
-    assert decode((S < 0).tolist()) == dpg.QR_TEXT
-    damaged = (S < 0).clone()
-    damaged[20, 20], damaged[12, 12] = ~damaged[20, 20], ~damaged[12, 12]
-    assert decode(damaged.tolist()) == dpg.QR_TEXT
-    noise = torch.rand(S.shape, generator=torch.Generator().manual_seed(0)) < 0.5
-    assert decode(noise.tolist()) == ""
+    dpg.save_png(str(tmp_path / "qr.png"), (S < 0).tolist())
+    M = png_modules(str(tmp_path / "qr.png"))
+    assert M == (S < 0).tolist() and qr_decode_version1(M) == ("L", dpg.QR_TEXT)
+    damaged = [row[:] for row in M]
+    damaged[12][12] = not damaged[12][12]  # a data module
+    with pytest.raises(AssertionError, match="error-correction codewords"):
+        qr_decode_version1(damaged)
+    noise = (torch.rand(S.shape, generator=torch.Generator().manual_seed(0)) < 0.5).tolist()
+    with pytest.raises(AssertionError, match="format bits"):
+        qr_decode_version1(noise)
 
 
 # ----------------------------------------------------------------------------- named errors
