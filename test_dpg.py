@@ -1353,7 +1353,8 @@ def test_oracle_data_is_phis_optimum_on_the_defaults(task):
 
 PHIS = '''
 import torch, dpg
-def l2(w, ctx): return dpg.l2_phi(dpg.lm_head(w))
+def twice_l2(w, ctx): return 2 * dpg.l2_phi(dpg.lm_head(w))
+def twice_norm(w, texts, ctx): return {"twice_norm": 2 * dpg.lm_head(w).norm().item()}
 def as_float(w, ctx): return 1.0
 def vector(w, ctx): return w["lm_head.weight"][0]
 def detached(w, ctx): return -w["lm_head.weight"].detach().norm()
@@ -1369,17 +1370,36 @@ def cli(tmp_path, *args):
                           timeout=600, cwd=tmp_path, env=env)
 
 
-def test_user_phi_equal_to_l2_gives_the_rewards_of_task_l2(tmp_path):
-    """--phi phis:l2 computes the built-in L2 metric by its own code path (the Task it loads): the same
-    samples must get the same rewards, hence the same Phi, reward spread and generator at every step."""
+def main_in(tmp_path, monkeypatch, *args):
+    """The command line in this process, as cli runs it (from tmp_path, where phis.py lies): dpg.main's result,
+    or the exit code of the SystemExit it raised. monkeypatch gives back the folder, sys.path and the modules."""
+    (tmp_path / "phis.py").write_text(PHIS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "phis", raising=False)
+    try:
+        return dpg.main(list(args))
+    except SystemExit as e:
+        return e.code
+    finally:
+        sys.modules.pop("phis", None)
+
+
+def test_user_phi_is_what_the_run_optimises(tmp_path, monkeypatch):
+    """--phi phis:twice_l2:twice_norm is 2 x the built-in L2 under another name, with its own measure. Rewards are
+    dPhi/deps, linear in Phi, and doubling is exact in floating point: every logged Phi, reward spread and summary
+    Phi is exactly twice --task l2's; the advantages are scale-free, so the samples are the same at every step; the
+    summary is named after the function and holds its measure, 2 x l2's head norm."""
     args = ["--task", "l2", "--steps", "3", "--prompts", "2", "--rollouts", "4", "--log-every", "1"]
-    for out, extra in (("a", []), ("b", ["--phi", "phis:l2"])):
-        proc = cli(tmp_path, *args, "--out", str(tmp_path / out), *extra)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = [[(r["phi"], r["reward_std"], r["samples"]) for r in map(json.loads, open(tmp_path / o / "metrics.jsonl"))]
-            for o in "ab"]
-    assert rows[0] == rows[1] and len(rows[0]) == 3 and rows[0][0][1] > 0
-    assert json.load(open(tmp_path / "b" / "summary.json"))["task"] == "l2"  # named after the function
+    for out, extra in (("a", []), ("b", ["--phi", "phis:twice_l2:twice_norm"])):
+        assert isinstance(main_in(tmp_path, monkeypatch, *args, "--out", str(tmp_path / out), *extra), dict)
+    (a, rows_a), (b, rows_b) = outputs(tmp_path / "a"), outputs(tmp_path / "b")
+    assert len(rows_a) == 3 and all(r["reward_std"] > 0 for r in rows_a)
+    for r, q in zip(rows_a, rows_b):
+        assert (q["phi"], q["reward_std"], q["samples"]) == (2 * r["phi"], 2 * r["reward_std"], r["samples"])
+    assert a["task"] == "l2" and b["task"] == "twice_l2" and "lm_head_norm_after" not in b
+    assert (b["phi_before"], b["phi_after"]) == (2 * a["phi_before"], 2 * a["phi_after"])
+    assert (b["twice_norm_before"], b["twice_norm_after"]) == (2 * a["lm_head_norm_before"], 2 * a["lm_head_norm_after"])
 
 
 @pytest.mark.parametrize("args,message", [
