@@ -1173,8 +1173,8 @@ def folder_bytes(path):
 def made_run(tmp_path_factory):
     """A finished 2-step l2 run (tiny models), made once; each test works on its own copy."""
     out = tmp_path_factory.mktemp("made") / "run"
-    proc = cli(out.parent, "--task", "l2", "--steps", "2", "--prompts", "2", "--rollouts", "4", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert isinstance(dpg.main(["--task", "l2", "--steps", "2", "--prompts", "2", "--rollouts", "4", "--out", str(out)]),
+                      dict)
     return out
 
 
@@ -1191,7 +1191,7 @@ def made_run(tmp_path_factory):
     ("not a checkpoint", ["--resume"], "checkpoint.pt cannot be read ("),
     ("older format", ["--resume"], "format 1, this dpg.py reads 2"),
 ])
-def test_a_run_is_never_overwritten_nor_resumed_as_another(made_run, tmp_path, case, args, message):
+def test_a_run_is_never_overwritten_nor_resumed_as_another(made_run, tmp_path, monkeypatch, capsys, case, args, message):
     """A folder that holds a run is refused to a fresh run, and to a --resume with other flags or a checkpoint that cannot
     be read: one line, exit status 2, and every file in the folder byte-identical afterwards."""
     import shutil
@@ -1213,11 +1213,11 @@ def test_a_run_is_never_overwritten_nor_resumed_as_another(made_run, tmp_path, c
         import fcntl
         fcntl.flock(folder, fcntl.LOCK_EX)
     before = folder_bytes(out)
-    proc = cli(tmp_path, "--task", "l2", "--steps", "2", "--prompts", "2", "--rollouts", "4", "--out", str(out), *args)
+    code = main_in(tmp_path, monkeypatch, "--task", "l2", "--steps", "2", "--prompts", "2", "--rollouts", "4",
+                   "--out", str(out), *args)
     os.close(folder)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("dpg.py: error: "), proc.stderr[-2000:]
-    assert message in lines[0], lines[0]
+    err = capsys.readouterr().err
+    assert one_error_line(code, err, message) and len(err.strip().splitlines()) == 1
     assert folder_bytes(out) == before
 
 
@@ -1376,6 +1376,7 @@ def main_in(tmp_path, monkeypatch, *args):
     (tmp_path / "phis.py").write_text(PHIS)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(sys, "argv", [os.path.join(HERE, "dpg.py"), *args])  # argparse's prog: dpg.py
     monkeypatch.delitem(sys.modules, "phis", raising=False)
     try:
         return dpg.main(list(args))
@@ -1422,18 +1423,31 @@ def test_user_phi_is_what_the_run_optimises(tmp_path, monkeypatch):
     ("67", "--min-new-tokens", "40"), ("67", "--log-every", "0"), ("67", "--lr-decay", "1.5"),
     ("67", "--micro-batch", "3"),  # N = 256 is not a whole number of microbatches of 3
     ("67", "--update-batch", "-1"), ("67", "--save-every", "-1"))])
-def test_bad_input_is_one_error_line_and_exit_2(tmp_path, args, message):
+def test_bad_input_is_one_error_line_and_exit_2(tmp_path, monkeypatch, capsys, args, message):
     """Input a person can fix (a task, a model, a --phi, every bad number) ends with one line, as argparse reports
-    its own errors, and exit status 2, with no run that reports success; what the output folder held is untouched."""
+    its own errors, and exit status 2, with no run that reports success; what the output folder held is untouched.
+    In this process through dpg.main, but for three cases that start the real command line (a model that cannot be
+    loaded needs HF_HUB_OFFLINE set before transformers is imported)."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "summary.json").write_text("an earlier run")
-    proc = cli(tmp_path, "--task", "l2", "--steps", "1", "--out", str(out), "--overwrite", *args)  # the flags of args win
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert lines[-1].startswith("dpg.py: error: ") and message in lines[-1], lines[-1]
-    assert sum("error:" in l for l in lines) == 1
+    argv = ["--task", "l2", "--steps", "1", "--out", str(out), "--overwrite", *args]  # the flags of args win
+    if args in (["--task", "nope"], ["--generator", "no-such-folder/model"], ["--task", "67", "--generator", "/nonexistent"]):
+        proc = cli(tmp_path, *argv)
+        code, err = proc.returncode, proc.stderr
+    else:
+        code, err = main_in(tmp_path, monkeypatch, *argv), capsys.readouterr().err
+    assert one_error_line(code, err, message)
     assert os.listdir(out) == ["summary.json"] and (out / "summary.json").read_text() == "an earlier run"
+
+
+def one_error_line(code, err, message):
+    """Exit status 2 and one line 'dpg.py: error: ...' holding message, with no traceback (True, or an AssertionError)."""
+    lines = err.strip().splitlines()
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert lines[-1].startswith("dpg.py: error: ") and message in lines[-1], lines[-1]
+    assert sum("error:" in line for line in lines) == 1, err[-2000:]
+    return True
 
 
 def test_ctrl_c_names_the_checkpoint_and_the_resume_command(tmp_path):
