@@ -1221,21 +1221,42 @@ def test_a_run_is_never_overwritten_nor_resumed_as_another(made_run, tmp_path, m
     assert folder_bytes(out) == before
 
 
-def test_overwrite_replaces_the_run_and_resume_without_a_checkpoint_starts_fresh(made_run, tmp_path):
-    """--overwrite replaces the whole run (no row, checkpoint or generator of the old one stays); --resume on a folder
-    with no checkpoint says so on its first line and runs from step 0."""
+def test_overwrite_replaces_the_run_and_resume_without_a_checkpoint_starts_fresh(made_run, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """--overwrite replaces the whole run: stopped by Ctrl-C in its second step, the folder holds the new run's first
+    row and checkpoint and nothing else (no summary, no generator of the old run); resumed, its generator/ is the
+    checkpoint's generator, not the old one. --resume on a folder with no checkpoint says so on its first line and
+    runs from step 0."""
     import shutil
+    from safetensors.torch import load_file
     out = tmp_path / "run"
     shutil.copytree(made_run, out)
-    proc = cli(tmp_path, "--task", "l2", "--steps", "1", "--prompts", "2", "--rollouts", "4", "--out", str(out), "--overwrite")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert [json.loads(l)["step"] for l in open(out / "metrics.jsonl")] == [0]
-    assert torch.load(out / "checkpoint.pt")["step"] == 1 and json.load(open(out / "summary.json"))["steps"] == 1
+    old = load_file(out / "generator" / "model.safetensors")
+    calls, step = [], dpg.reinforce_step
+
+    def ctrl_c_in_the_second_step(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return step(*a, **k)
+
+    args = ["--task", "l2", "--steps", "2", "--prompts", "2", "--rollouts", "4", "--out", str(out), "--seed", "1"]
+    monkeypatch.setattr(dpg, "reinforce_step", ctrl_c_in_the_second_step)
+    assert main_in(tmp_path, monkeypatch, *args, "--overwrite") == 130
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "metrics.jsonl"]
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [0]
+    assert torch.load(out / "checkpoint.pt")["step"] == 1
+    monkeypatch.setattr(dpg, "reinforce_step", step)
+    assert isinstance(main_in(tmp_path, monkeypatch, *args, "--resume"), dict)
+    new, ckpt = load_file(out / "generator" / "model.safetensors"), torch.load(out / "checkpoint.pt")
+    assert ckpt["step"] == 2 and json.load(open(out / "summary.json"))["seed"] == 1
+    assert new.keys() <= ckpt["generator"].keys() and all(torch.equal(v, ckpt["generator"][k]) for k, v in new.items())
+    assert any(not torch.equal(v, old[k]) for k, v in new.items())
     fresh = tmp_path / "fresh"
-    proc = cli(tmp_path, "--task", "l2", "--steps", "1", "--prompts", "2", "--rollouts", "4", "--out", str(fresh), "--resume")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.splitlines()[0] == f"--resume: {fresh} holds no checkpoint.pt: starting a fresh run"
-    assert [json.loads(l)["step"] for l in open(fresh / "metrics.jsonl")] == [0]
+    capsys.readouterr()
+    assert isinstance(main_in(tmp_path, monkeypatch, *args[:-4], "--out", str(fresh), "--resume"), dict)
+    assert capsys.readouterr().out.splitlines()[0] == f"--resume: {fresh} holds no checkpoint.pt: starting a fresh run"
+    assert [json.loads(line)["step"] for line in open(fresh / "metrics.jsonl")] == [0, 1]
 
 
 def test_a_run_killed_at_any_moment_resumes_to_the_uninterrupted_run(tmp_path):
