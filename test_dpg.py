@@ -1073,24 +1073,76 @@ def test_unknown_task_lang_and_oversized_patch():
 # ----------------------------------------------------------------------------- the real CLI, one run per task
 
 
+SMALL = dict(prompts=4, rollouts=2, pretrain_steps=20, log_every=1)
+REFERENCE = {  # one finished run per task, made once: the smoke test reads them all, resume, kill and Ctrl-C compare
+    "qr": dict(task="qr", steps=2) | SMALL,  # to 67's and uuid's
+    "67": dict(task="67", steps=4, lr_decay=0.0) | SMALL,  # a constant lr: a 2-step run is the first half of this one
+    "l2": dict(task="l2", steps=2) | SMALL,
+    "uuid": dict(task="uuid", steps=8, save_every=1) | SMALL | dict(prompts=2),
+    "language": dict(task="language", steps=2) | SMALL,
+}
+
+
+def argv_of(config):
+    """The command line of a dict of Config fields."""
+    return [x for k, v in config.items() for x in ("--" + k.replace("_", "-"), str(v))]
+
+
+@pytest.fixture(scope="module")
+def reference_runs(tmp_path_factory):
+    """{task: (its folder, the weights of the target after the run's last inner SFT)}, each run made on first use,
+    in this process through dpg.main; a recorder keeps what the last inner_sft returned (the 'after' evaluation)."""
+    made = {}
+
+    def get(task):
+        if task not in made:
+            out, last = tmp_path_factory.mktemp("reference") / task, []
+            with pytest.MonkeyPatch.context() as mp:
+                sft = dpg.inner_sft
+                mp.setattr(dpg, "inner_sft", lambda *a, **k: last.append(sft(*a, **k)) or last[-1])
+                assert isinstance(dpg.main(argv_of(REFERENCE[task]) + ["--out", str(out)]), dict)
+            made[task] = out, last[-1]
+        return made[task]
+    return get
+
+
 @pytest.mark.parametrize("task", ["qr", "67", "l2", "uuid", "language"])
-def test_cli_smoke(task, tmp_path):
-    out = tmp_path / task
-    cmd = [sys.executable, os.path.join(HERE, "dpg.py"), "--task", task, "--steps", "2", "--prompts", "4",
-           "--rollouts", "2", "--pretrain-steps", "20", "--log-every", "1", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.load(open(out / "summary.json"))
-    rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
-    assert summary["task"] == task and summary["steps"] == 2 and [r["step"] for r in rows] == [0, 1]
-    measure = {"qr": "pixel_accuracy", "67": "pixel_accuracy", "l2": "lm_head_norm", "uuid": "uuid_logprob",
-               "language": "target_language_share"}[task]
-    for key in ("phi_before", "phi_after", f"{measure}_before", f"{measure}_after"):
-        assert isinstance(summary[key], float) and summary[key] == summary[key], key
+def test_cli_smoke(task, reference_runs):
+    """A short run of each task, against figures made here. The Phi of row 0 is Phi after a plain inner SFT on
+    step 0's samples, drawn again here; summary's phi_before and phi_after are Phi after one on the evaluation
+    samples of the untrained generator and of the checkpoint's (whose copy generator/ is); each success measure
+    agrees with Phi (-||W|| for l2, 36 tokens x Phi for uuid, the last-word loss for language); for qr and 67 the
+    PNG is dark exactly where Delta < 0 and pixel_accuracy_after is the share of sign(Delta) = S."""
+    from safetensors.torch import load_file
+    out, w = reference_runs(task)
+    summary, rows = outputs(out)
+    assert summary["task"] == task and [r["step"] for r in rows] == list(range(REFERENCE[task]["steps"]))
     assert all(r["reward_std"] > 0 for r in rows)  # the rewards really vary between examples
+    cfg, s = dpg.setup(dpg.Config(**REFERENCE[task]))
+    shape = (s.N, cfg.seq_len) if cfg.credit == "token" else (s.N,)
+    phi = lambda seed: s.phi(dpg.inner_sft(dpg.rollout(cfg, s, 0, seed)[1], s.w0, torch.ones(shape), s.hp)).item()
+    eval_seed = 1_000_003 * (cfg.seed + 1)
+    moved = phi(cfg.seed * 1_000_003) - s.phi(s.w0).item()  # what the inner SFT on step 0's samples did to Phi
+    assert abs(rows[0]["phi"] - phi(cfg.seed * 1_000_003)) <= 1e-5 * abs(moved) and moved != 0  # float32 rounding
+    assert summary["phi_before"] == phi(eval_seed)
+    ckpt = torch.load(out / "checkpoint.pt")
+    saved = load_file(out / "generator" / "model.safetensors")
+    assert ckpt["step"] == cfg.steps and all(torch.equal(v, ckpt["generator"][k]) for k, v in saved.items())
+    s.gen.load_state_dict(ckpt["generator"])
+    assert summary["phi_after"] == phi(eval_seed) != summary["phi_before"]
+    assert summary["phi_after"] == s.phi(w).item()  # the recorded weights are the 'after' ones
+    if task == "l2":
+        assert summary["lm_head_norm_after"] == -summary["phi_after"]
+    if task == "uuid":
+        assert len(dpg.UUID) == 36 and summary["uuid_logprob_after"] == pytest.approx(36 * summary["phi_after"], rel=1e-6)
+    if task == "language":
+        assert summary["last_word_loss_after"] == -summary["phi_after"]
     if task in ("qr", "67"):
-        assert open(out / f"{task}.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    assert os.path.exists(out / "generator" / "config.json")
+        S = dpg.pattern(task)
+        delta = (dpg.lm_head(w) - dpg.lm_head(s.w0))[: S.shape[0], : S.shape[1]]
+        assert png_modules(str(out / f"{task}.png"))[: S.shape[0]] == [r[: S.shape[1]] for r in (delta < 0).tolist()]
+        assert summary["pixel_accuracy_after"] == pytest.approx(((delta > 0) == (S > 0)).double().mean().item())
+        assert (delta != 0).all()  # so the PNG's agreement with S is pixel accuracy too
 
 
 # ----------------------------------------------------------------------------- real models: loading, named errors, resume
