@@ -1198,20 +1198,15 @@ def outputs(out):
     return strip(json.load(open(out / "summary.json"))), [strip(json.loads(l)) for l in open(out / "metrics.jsonl")]
 
 
-def run_cli(out, *extra):
-    cmd = [sys.executable, os.path.join(HERE, "dpg.py"), "--task", "67", "--prompts", "4", "--rollouts", "2",
-           "--pretrain-steps", "20", "--log-every", "1", "--out", str(out), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return outputs(out)
-
-
-def test_resume_gives_the_uninterrupted_run(tmp_path):
-    """4 steps in one go == 2 steps, stop, --resume to 4 (same seed -> same numbers: determinism too). A constant
-    lr: with --lr-decay the lr follows --steps, so a 2-step run is not the first half of a 4-step one."""
-    whole, whole_rows = run_cli(tmp_path / "a", "--steps", "4", "--lr-decay", "0")
-    run_cli(tmp_path / "b", "--steps", "2", "--lr-decay", "0")
-    resumed, resumed_rows = run_cli(tmp_path / "b", "--steps", "4", "--resume", "--lr-decay", "0")
+def test_resume_gives_the_uninterrupted_run(tmp_path, monkeypatch, reference_runs):
+    """The reference 67 run (4 steps in one go) == 2 steps, stop, --resume to 4 (same seed -> same numbers:
+    determinism too). A constant lr: with --lr-decay the lr follows --steps, so a 2-step run is not the first half
+    of a 4-step one."""
+    args = argv_of(REFERENCE["67"] | dict(steps=2)) + ["--out", str(tmp_path / "b")]
+    assert isinstance(main_in(tmp_path, monkeypatch, *args), dict)
+    assert len(outputs(tmp_path / "b")[1]) == 2
+    assert isinstance(main_in(tmp_path, monkeypatch, *args, "--steps", "4", "--resume"), dict)
+    (whole, whole_rows), (resumed, resumed_rows) = outputs(reference_runs("67")[0]), outputs(tmp_path / "b")
     assert resumed == whole and resumed_rows == whole_rows and len(whole_rows) == 4
 
 
@@ -1311,36 +1306,60 @@ def test_overwrite_replaces_the_run_and_resume_without_a_checkpoint_starts_fresh
     assert [json.loads(line)["step"] for line in open(fresh / "metrics.jsonl")] == [0, 1]
 
 
-def test_a_run_killed_at_any_moment_resumes_to_the_uninterrupted_run(tmp_path):
-    """SIGKILL while a checkpoint is being written, then again just after a row is logged (before its checkpoint), each
-    followed by --resume: the last good checkpoint and the rows up to it survive, and the finished run's metrics.jsonl
-    and summary.json equal an uninterrupted run's, timings aside."""
+# A child that runs the command line and stops itself at a chosen moment: at the n-th call of dpg.<function>
+# (for atomic: the n-th write of a file whose name ends with `name`) it sends itself `sig`; with write = True the
+# write is done to its temporary file first (killed mid-write, before the rename). sys.argv is the command line's.
+STOPPING_CHILD = """
+import os, sys
+sys.path.insert(0, {here!r})
+import dpg
+function, name, n, sig, write = {function!r}, {name!r}, {n!r}, {sig!r}, {write!r}
+original, calls = getattr(dpg, function), []
+
+def stopping(*a, **k):
+    if function != "atomic" or str(a[0]).endswith(name):
+        calls.append(1)
+        if len(calls) == n:
+            if write:  # the temporary file written whole, the rename not done
+                tmp = f"{{a[0]}}.tmp{{os.getpid()}}"
+                a[1](tmp) if callable(a[1]) else open(tmp, "w").write(a[1])
+            os.kill(os.getpid(), sig)
+    return original(*a, **k)
+
+setattr(dpg, function, stopping)
+sys.argv = [os.path.join({here!r}, "dpg.py"), *sys.argv[1:]]
+dpg.main()
+"""
+
+
+def stopping_child(tmp_path, args, function, n, sig, name="", write=False):
+    """Run the command line with args in a child that stops itself (STOPPING_CHILD): its CompletedProcess."""
+    code = STOPPING_CHILD.format(here=HERE, function=function, name=name, n=n, sig=int(sig), write=write)
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_a_run_killed_at_any_moment_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch, reference_runs):
+    """SIGKILL at chosen moments, each followed by --resume: while the 3rd checkpoint is written (its temporary file
+    whole, not yet renamed), while a resume rewrites metrics.jsonl, and just after a row is logged, before its
+    checkpoint. The last good checkpoint and the rows up to it survive each kill, and the finished run's
+    metrics.jsonl and summary.json equal the uninterrupted reference run's, timings aside."""
     import signal
-    args = ["--task", "uuid", "--steps", "8", "--prompts", "2", "--rollouts", "2", "--pretrain-steps", "20",
-            "--log-every", "1", "--save-every", "1"]
-    dpg_py = os.path.join(HERE, "dpg.py")
-    assert cli(tmp_path, *args, "--out", str(tmp_path / "whole")).returncode == 0
     out = tmp_path / "killed"
-
-    def rows():
-        return len(open(out / "metrics.jsonl").readlines()) if (out / "metrics.jsonl").exists() else 0
-
-    for kill_when, extra in (("writing", []), ("logged", ["--resume"])):
-        proc = subprocess.Popen([sys.executable, dpg_py, *args, "--out", str(out), *extra], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        first, deadline = rows(), time.time() + 300
-        while proc.poll() is None and time.time() < deadline:
-            writing = out.exists() and any(".tmp" in f for f in os.listdir(out))
-            if (kill_when == "writing" and writing and rows() >= 2) or (kill_when == "logged" and rows() >= first + 2):
-                proc.send_signal(signal.SIGKILL)
-                break
-        proc.wait()
-        assert proc.returncode == -signal.SIGKILL  # killed mid-run, not finished
-        step = torch.load(out / "checkpoint.pt")["step"]
-        assert 1 <= step <= rows() < 8
-    proc = cli(tmp_path, *args, "--out", str(out), "--resume")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    (summary, rows), (summary_killed, rows_killed) = outputs(tmp_path / "whole"), outputs(out)
+    args = argv_of(REFERENCE["uuid"]) + ["--out", str(out)]
+    rows = lambda: len(open(out / "metrics.jsonl").readlines())
+    for extra, name, n, write, (step, logged) in (
+            ([], "checkpoint.pt", 3, True, (2, 3)),  # row 2 logged, the checkpoint of step 3 half done
+            (["--resume"], "metrics.jsonl", 1, True, (2, 3)),  # the rows past the checkpoint not yet dropped
+            (["--resume"], "checkpoint.pt", 2, False, (3, 4))):  # rows 2 and 3 logged, checkpoint 3 written
+        tmp = lambda: {f for f in os.listdir(out) if ".tmp" in f} if out.exists() else set()
+        earlier = tmp()
+        proc = stopping_child(tmp_path, args + extra, "atomic", n, signal.SIGKILL, name, write)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]  # killed mid-run, not finished
+        assert torch.load(out / "checkpoint.pt")["step"] == step and rows() == logged
+        assert [f.split(".tmp")[0] for f in tmp() - earlier] == [name] * write  # this child's half-done write
+    assert isinstance(main_in(tmp_path, monkeypatch, *args, "--resume"), dict)
+    (summary, rows), (summary_killed, rows_killed) = outputs(reference_runs("uuid")[0]), outputs(out)
     assert rows_killed == rows and len(rows) == 8 and summary_killed == summary
 
 
@@ -1363,6 +1382,29 @@ def test_a_measure_of_numpy_numbers_is_checkpointed_as_plain_numbers_and_resumes
     torch.save(torch.load(out / "checkpoint.pt") | {"before": {"norm": np.float64(before)}}, out / "checkpoint.pt")
     proc = cli(tmp_path, *args, "--steps", "3", "--resume")
     assert proc.returncode == 2 and "a weights-only torch.load refuses an object in it: " in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_during_an_update_checkpoints_that_step_and_resumes(tmp_path, signame, reference_runs):
+    """Ctrl-C (SIGINT), or a scheduler's SIGTERM, that arrives inside the update of step 3 lets the update and its
+    row finish, checkpoints the 4 whole steps (--save-every 0: no other checkpoint), and ends with one line that
+    names the checkpoint and the command that resumes; that command finishes the run, whose metrics.jsonl and
+    summary.json equal the uninterrupted reference run's, timings aside."""
+    import shlex
+    import signal
+    out = tmp_path / "run"
+    args = argv_of(REFERENCE["uuid"] | dict(save_every=0)) + ["--out", str(out)]
+    proc = stopping_child(tmp_path, args, "reinforce_step", 4, getattr(signal, signame))
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("dpg.py: interrupted; the checkpoint is " + str(out / "checkpoint.pt"))
+    assert last.endswith(f" --out {out} --resume") and " --save-every 0 " in last and "/dpg.py --task uuid " in last
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 4
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [0, 1, 2, 3]
+    again = subprocess.run(shlex.split(last.split("resume with: ")[1]), capture_output=True, text=True, timeout=300,
+                           cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert outputs(out) == outputs(reference_runs("uuid")[0])
 
 
 def test_hub_data_falls_back_with_a_notice():
@@ -1521,31 +1563,6 @@ def one_error_line(code, err, message):
     assert lines[-1].startswith("dpg.py: error: ") and message in lines[-1], lines[-1]
     assert sum("error:" in line for line in lines) == 1, err[-2000:]
     return True
-
-
-def test_ctrl_c_names_the_checkpoint_and_the_resume_command(tmp_path):
-    """Ctrl-C ends with one line instead of a traceback; the checkpoint and log it names are whole."""
-    import signal
-    out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "dpg.py"), "--task", "l2", "--steps", "500", "--prompts",
-                             "2", "--rollouts", "4", "--lr-decay", "0", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not an inherited SIG_IGN
-    for line in proc.stdout:
-        if line.startswith("step=2 "):
-            break
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("dpg.py: interrupted; the checkpoint is " + str(out / "checkpoint.pt"))
-    assert last.endswith(f"--steps 500 --prompts 2 --rollouts 4 --lr-decay 0 --out {out} --resume")
-    step = torch.load(out / "checkpoint.pt", weights_only=False)["step"]
-    assert step >= 2 and len(open(out / "metrics.jsonl").readlines()) >= step
-    import shlex  # the printed command resumes (one step more, so that the test ends)
-    again = subprocess.run(shlex.split(last.split("resume with: ")[1]) + ["--steps", str(step + 1)],
-                           capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert [json.loads(l)["step"] for l in open(out / "metrics.jsonl")] == list(range(step + 1))
 
 
 def test_readme_example_runs_and_raises_its_phi(tmp_path):
