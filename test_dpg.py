@@ -1582,39 +1582,69 @@ def test_readme_example_runs_and_raises_its_phi(tmp_path):
 # ----------------------------------------------------------------------------- torchrun: R ranks = one process
 
 
-def two_rank_worker(rank, init_file, out, opt, every, K):
-    """One of 2 gloo ranks: the first / second half of the 16 examples, B = 2 of them per microbatch."""
+TWO_RANK_CASES = [("adam", 0, 2), ("adam", 1, 2), ("sgd", 0, 2), ("adam", 0, 4), ("sgd", 0, 4)]
+
+
+def two_rank_worker(rank, init_file, out):
+    """One of 2 gloo ranks, for every case of TWO_RANK_CASES in one process group (one spawn: each child imports
+    transformers again): the first / second half of the 16 examples, B = 2 of them per microbatch; then the
+    generator step of two_rank_generator_step."""
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     _, params, loss_fn, phi = setup("llama", 16, seed=3)
     mine = torch.arange(8 * rank, 8 * rank + 8)
     local = lambda w, idx: loss_fn(w, mine[idx])
-    hp = dpg.Inner(lr=3e-2, micro_batch=2, grad_accum=K, optimizer=opt)  # M = 8 / (2 K) steps
-    eps = torch.ones(8, dtype=torch.float64, requires_grad=True)
-    value, r = dpg.reverse_sweep(local, params, eps, phi, hp, every=every) if every else dpg.dpg_rewards(local, params, torch.ones(8), phi, hp)
-    w = dpg.inner_sft(local, params, torch.ones(8, dtype=torch.float64), hp)
-    torch.save({"value": value.detach(), "r": r, "w": w}, os.path.join(out, f"{rank}.pt"))
+    for opt, every, K in TWO_RANK_CASES:
+        hp = dpg.Inner(lr=3e-2, micro_batch=2, grad_accum=K, optimizer=opt)  # M = 8 / (2 K) steps
+        eps = torch.ones(8, dtype=torch.float64, requires_grad=True)
+        value, r = (dpg.reverse_sweep(local, params, eps, phi, hp, every=every) if every
+                    else dpg.dpg_rewards(local, params, torch.ones(8), phi, hp))
+        w = dpg.inner_sft(local, params, torch.ones(8, dtype=torch.float64), hp)
+        torch.save({"value": value.detach(), "r": r, "w": w}, os.path.join(out, f"{opt}-{every}-{K}-{rank}.pt"))
+    two_rank_generator_step(rank, out)
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("opt,every,K", [("adam", 0, 2), ("adam", 1, 2), ("sgd", 0, 2), ("adam", 0, 4), ("sgd", 0, 4)])
-def test_two_ranks_give_the_one_process_rewards(tmp_path, opt, every, K):
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The folder where the 2 ranks of two_rank_worker left their results, waited for 600 s at most."""
+    out = tmp_path_factory.mktemp("two-ranks")
+    ctx = torch.multiprocessing.spawn(two_rank_worker, args=(str(out / "init"), str(out)), nprocs=2, join=False)
+    deadline = time.time() + 600
+    while not ctx.join(timeout=5):  # raises if a rank failed
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the 2 ranks did not finish within 600 s")
+    return out
+
+
+@pytest.mark.parametrize("opt,every,K", TWO_RANK_CASES)
+def test_two_ranks_give_the_one_process_rewards(two_ranks, opt, every, K):
     """2 gloo ranks, each with its 8 of 16 examples, against the unroll in one process on all 16 ordered so
     that each global microbatch of 4 is rank 0's 2 then rank 1's 2 (K = 2: M = 2 steps, the sweep; K = 4: M = 1,
     each rank's own JVPs): Phi, the trained weights and every reward to 1e-10 in float64. every = 1 also
     checkpoints every inner state."""
-    torch.multiprocessing.spawn(two_rank_worker, args=(str(tmp_path / "init"), str(tmp_path), opt, every, K), nprocs=2)
-    ranks = [torch.load(tmp_path / f"{k}.pt") for k in range(2)]
+    ranks = [torch.load(two_ranks / f"{opt}-{every}-{K}-{k}.pt") for k in range(2)]
     _, params, loss_fn, phi = setup("llama", 16, seed=3)
     order = torch.tensor([8 * k + j for m in range(4) for k in range(2) for j in (2 * m, 2 * m + 1)])
     hp = dpg.Inner(lr=3e-2, micro_batch=4, grad_accum=K, optimizer=opt)
-    value, r = dpg.unroll(lambda w, idx: loss_fn(w, order[idx]), params, torch.ones(16, dtype=torch.float64, requires_grad=True), phi, hp)
-    w = dpg.inner_sft(lambda w, idx: loss_fn(w, order[idx]), params, torch.ones(16, dtype=torch.float64), hp)
+    ordered = lambda w, idx: loss_fn(w, order[idx])
+    value, r = dpg.unroll(ordered, params, torch.ones(16, dtype=torch.float64, requires_grad=True), phi, hp)
+    w = dpg.inner_sft(ordered, params, torch.ones(16, dtype=torch.float64), hp)
     r_ranks = torch.cat([x["r"] for x in ranks])[order]  # back to the one-process order
     for x in ranks:
         assert abs(x["value"].item() - value.item()) <= 1e-10 * abs(value.item())
         assert max(rel_err(x["w"][n], w[n]) for n in w) <= 1e-10
     assert rel_err(r_ranks, r) <= 1e-10 and r.abs().max() > 0
+
+
+def free_port():
+    """A TCP port that nothing listens on now (the OS picks it)."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.mark.parametrize("M,credit", [(4, "token"), (1, "label")])
@@ -1625,11 +1655,12 @@ def test_torchrun_cli_resumes_and_logs_the_one_process_phi(tmp_path, M, credit, 
     M = 1 with --credit label (the 67 default): the logged Phi is label_rewards' own."""
     import shutil
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           os.path.join(HERE, "dpg.py"), "--task", "67", "--prompts", "4", "--rollouts", "2", "--log-every", "1",
-           "--inner-steps", str(M), "--credit", credit, "--out", str(out)]
+    args = [os.path.join(HERE, "dpg.py"), "--task", "67", "--prompts", "4", "--rollouts", "2", "--log-every", "1",
+            "--inner-steps", str(M), "--credit", credit, "--out", str(out)]
     for extra in (["--steps", "2"], ["--steps", "3", "--resume"]):
-        proc = subprocess.run(cmd + extra, capture_output=True, text=True, timeout=600)
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+                    "--master-addr", "127.0.0.1", "--master-port", str(free_port())]  # no --standalone: no port race
+        proc = subprocess.run(launcher + args + extra, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         if extra[1] == "2":
             shutil.copy(out / "checkpoint.pt", tmp_path / "after-2-steps.pt")
@@ -1654,10 +1685,9 @@ def test_torchrun_cli_resumes_and_logs_the_one_process_phi(tmp_path, M, credit, 
         assert abs(rows[step]["phi"] - phi) <= 1e-6 * abs(phi), (step, rows[step]["phi"], phi)
 
 
-def two_rank_generator_worker(rank, init_file, out):
-    """One of 2 gloo ranks: one REINFORCE step with the trust region on this rank's 2 prompts x 2 rollouts."""
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+def two_rank_generator_step(rank, out):
+    """Rank `rank` of 2 (in two_rank_worker's process group): one REINFORCE step with the trust region on this
+    rank's 2 prompts x 2 rollouts."""
     gen, tok = dpg.tiny_lm("gpt2", 257, 32, 2, seed=0), dpg.byte_tokenizer()
     torch.manual_seed(rank)
     batch = dpg.sample(gen, tok, [f"prompt {2 * rank + p}:" for p in range(2)], 2, 8, 1.0, min_new_tokens=8)
@@ -1666,16 +1696,14 @@ def two_rank_generator_worker(rank, init_file, out):
     _, kl, taken = dpg.reinforce_step(gen, opt, batch, adv, 1.0, 1e9, max_kl=0.5)  # no clipping: see the gradient
     torch.save({"batch": batch, "adv": adv, "w": gen.state_dict(), "g": [p.grad for p in gen.parameters()], "kl": kl,
                 "taken": taken}, os.path.join(out, f"g{rank}.pt"))
-    torch.distributed.destroy_process_group()
 
 
-def test_two_ranks_take_the_one_process_generator_step(tmp_path):
+def test_two_ranks_take_the_one_process_generator_step(two_ranks):
     """The generator step of 2 ranks (gradients averaged, the trust region's KL averaged) equals
     reinforce_step in one process on both ranks' batches at once: the same gradient (float32 sums in
     another order: 1e-5) and the same halving, so the same weights to 1% of the step (AdamW's first step,
     lr g / (|g| + eps), turns the 1e-5 into up to 0.3% where |g| is near eps)."""
-    torch.multiprocessing.spawn(two_rank_generator_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
-    ranks = [torch.load(tmp_path / f"g{k}.pt", weights_only=False) for k in range(2)]
+    ranks = [torch.load(two_ranks / f"g{k}.pt", weights_only=False) for k in range(2)]
     b0, b1 = ranks[0]["batch"], ranks[1]["batch"]
     both = dict(b0) | {k: torch.cat([b0[k], b1[k]]) for k in ("ids", "attn", "rmask")}  # same prompt length, no EOS
     gen = dpg.tiny_lm("gpt2", 257, 32, 2, seed=0)
