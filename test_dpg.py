@@ -325,6 +325,33 @@ def test_update_vjp_is_autograd_of_the_update(opt):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("opt,wd", [("adam", 0.0), ("adam", 0.1), ("sgd", 0.0)])
+def test_update_takes_the_steps_of_torch_optimizers(opt, wd):
+    """Six inner steps of `update` (float64, eps_root = 0, gradients of changing scale) put the weights, and Adam's
+    moments, where torch.optim.AdamW (decoupled weight decay, bias correction) or torch.optim.SGD puts them from the
+    same start on the same gradients: to 1e-12 after every step, not only the first."""
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
+    w = {"a": rnd(3, 4), "b": rnd(5)}
+    zeros = {n: torch.zeros_like(x) for n, x in w.items()}
+    params = [torch.nn.Parameter(x.clone()) for x in w.values()]
+    hp = dpg.Inner(lr=0.05, optimizer=opt, eps_root=0.0, weight_decay=wd)
+    reference = (torch.optim.AdamW(params, lr=hp.lr, betas=hp.betas, eps=hp.adam_eps, weight_decay=wd) if opt == "adam"
+                 else torch.optim.SGD(params, lr=hp.lr))
+    state = (w, zeros, zeros)
+    for t in range(6):
+        grad = [rnd(*x.shape) * 10.0 ** (t % 3 - 1) for x in w.values()]
+        state = dpg.update(state, grad, t, hp)
+        for p, x in zip(params, grad):
+            p.grad = x.clone()
+        reference.step()
+        for p, x in zip(params, state[0].values()):
+            torch.testing.assert_close(x, p.detach(), rtol=1e-12, atol=1e-14)
+        for p, m, v in zip(params, state[1].values(), state[2].values()) if opt == "adam" else []:
+            torch.testing.assert_close(m, reference.state[p]["exp_avg"], rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(v, reference.state[p]["exp_avg_sq"], rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("every", [1, 2, 3, 6])
 def test_reverse_sweep_checkpoints_give_the_unroll(every):
     """Keeping every k-th inner state and recomputing the rest changes nothing (M = 6, K = 2)."""
@@ -349,6 +376,16 @@ def per_example_grads(loss_fn, params, n):
     return torch.stack(rows)
 
 
+def flat(params):
+    return torch.cat([p.detach().flatten() for p in params.values()])
+
+
+def unflatten(x, like):
+    """A flat vector back into a dict shaped as `like`."""
+    sizes = [p.numel() for p in like.values()]
+    return {k: a.view_as(p) for (k, p), a in zip(like.items(), x.split(sizes))}
+
+
 def grad_phi(phi, w):
     w = {k: p.detach().requires_grad_(True) for k, p in w.items()}
     g = torch.autograd.grad(phi(w), list(w.values()), allow_unused=True)
@@ -361,8 +398,11 @@ def test_sgd_one_step_closed_form():
     _, params, loss_fn, phi = setup("gpt2", n)
     hp = dpg.Inner(lr=lr, micro_batch=n, optimizer="sgd")
     _, r = dpg.dpg_rewards(loss_fn, params, torch.ones(n), phi, hp)
-    w1 = dpg.inner_sft(loss_fn, params, torch.ones(n, dtype=torch.float64), hp)
-    oracle = -(lr / n) * per_example_grads(loss_fn, params, n) @ grad_phi(phi, w1)
+    G = per_example_grads(loss_fn, params, n)  # (n, P)
+    w1 = unflatten(flat(params) - lr * G.mean(0), params)  # one SGD step, by hand
+    assert max(rel_err(a, w1[k]) for k, a in dpg.inner_sft(loss_fn, params, torch.ones(n, dtype=torch.float64),
+                                                            hp).items()) <= 1e-12
+    oracle = -(lr / n) * G @ grad_phi(phi, w1)
     assert rel_err(r, oracle) <= 1e-8
 
 
@@ -374,10 +414,13 @@ def test_adam_one_step_closed_form(eps):
     _, params, loss_fn, phi = setup("llama", n)
     hp = dpg.Inner(lr=lr, micro_batch=n, optimizer="adam", eps_root=eps_root, adam_eps=eps)
     _, r = dpg.dpg_rewards(loss_fn, params, torch.ones(n), phi, hp)
-    w1 = dpg.inner_sft(loss_fn, params, torch.ones(n, dtype=torch.float64), hp)
     G = per_example_grads(loss_fn, params, n)  # (n, P)
     g = G.mean(0)
     s = torch.sqrt(g * g + eps_root)
+    w0 = flat(params)  # the first step, by hand: m_hat = g, v_hat = g^2
+    w1 = unflatten(w0 - lr * (g / (s + hp.adam_eps) + hp.weight_decay * w0), params)
+    assert max(rel_err(a, w1[k]) for k, a in dpg.inner_sft(loss_fn, params, torch.ones(n, dtype=torch.float64),
+                                                            hp).items()) <= 1e-12
     du_dg = (eps_root / s + hp.adam_eps) / (s + hp.adam_eps) ** 2
     oracle = -lr * (G / n * du_dg) @ grad_phi(phi, w1)
     assert rel_err(r, oracle) <= 1e-8
@@ -669,6 +712,21 @@ def test_group_advantages_by_hand_and_scale_free():
     a = dpg.group_advantages(r, 3)
     assert torch.allclose(a, torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]))  # std of (1,3,5) is 2
     assert torch.allclose(dpg.group_advantages(r * 1e-9, 3), a, atol=1e-6)  # DPG rewards of real models are ~1e-9
+
+
+def test_a_near_flat_group_gets_no_advantage():
+    """A group whose rewards' std is at most 1e-6 of the batch's largest |reward| is flat: A = 0 (its spread is
+    rounding, not signal); just above, its advantages are the usual -+1/sqrt(2). At any scale of the rewards, per
+    example and per token (the group's std of the sequence totals decides)."""
+    for scale in (1.0, 1e-9):
+        for std, flat in ((0.9e-6, True), (1.1e-6, False)):
+            d = std * 2**0.5  # the std of (0, d)
+            r = torch.tensor([1.0, -1.0, 0.0, d], dtype=torch.float64) * scale  # the batch's largest |r|: 1 x scale
+            other = [-(2**-0.5), 2**-0.5] if not flat else [0.0, 0.0]
+            expected = torch.tensor([2**-0.5, -(2**-0.5)] + other, dtype=torch.float64)
+            torch.testing.assert_close(dpg.group_advantages(r, 2), expected, rtol=1e-9, atol=0)
+            tokens = torch.stack([r, torch.zeros_like(r)], 1)  # the reward on the first token: R_i,0 = R_i,1 + r_i
+            torch.testing.assert_close(dpg.group_advantages(tokens, 2)[:, 0], expected, rtol=1e-9, atol=0)
 
 
 @pytest.mark.parametrize("min_new", [0, 4])
