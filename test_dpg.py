@@ -675,6 +675,25 @@ def test_sequence_losses_by_hand():
         assert abs(got[j].item() - sum(ce) / (ids.shape[1] - 1)) < 1e-10
 
 
+def test_last_word_batch_labels_the_last_word_only():
+    """language's Phi reads [BOS] context + ' ' + last word, with only the ' ' + last-word tokens as labels: with the
+    byte tokenizer (one token per byte) the labelled tokens spell ' ' + the last word (end punctuation and quotes
+    dropped), the unlabelled ones after BOS the context, cut to its last whole words within 160 characters."""
+    tok = dpg.byte_tokenizer()
+    words = [("alpha", "beta", "gamma", "delta", "epsilon")[k % 5] + str(k) for k in range(60)]
+    passages = ["The cat sat on the mat.", 'She said "hello there!"', " ".join(words) + " finale."]
+    context = " ".join(words)
+    kept = next(context.split(" ", k)[-1] for k in range(60) if len(context.split(" ", k)[-1]) <= 160)
+    assert context[-161] != " " and context[-160] != " " and len(kept) < 160  # the cut falls inside a word
+    expected = [("The cat sat on the", " mat"), ('She said "hello', " there"), (kept, " finale")]
+    ids, mask = dpg.last_word_batch(tok, passages)
+    for j, (ctx, word) in enumerate(expected):
+        labels = ids[j][mask[j] == 1].tolist()
+        start = mask[j].nonzero()[0].item()
+        assert ids[j, 0] == tok.bos_token_id and tok.decode(labels) == word and mask[j, start:start + len(word)].all()
+        assert tok.decode(ids[j, 1:start].tolist()) == ctx and mask[j].sum() == len(word)
+
+
 def test_uuid_logprob_by_chain_rule():
     """The UUID metric equals the sum of next-token log-probs computed one prefix at a time."""
     tok = dpg.byte_tokenizer()
@@ -1126,6 +1145,51 @@ def test_unknown_task_lang_and_oversized_patch():
     tied = dpg.tiny_lm("gpt2", len(tok), 32, 1, seed=0)
     with pytest.raises(ValueError, match="tied"):
         dpg.make_task(dpg.Config(task="67"), tied, tok, {k: p.detach() for k, p in tied.named_parameters()})
+
+
+@pytest.mark.parametrize("task,lr,new_tokens,N", [("67", 5e-6, 32, 256), ("qr", 5e-6, 32, 256), ("l2", 5e-6, 32, 256),
+                                                 ("uuid", 1e-6, 48, 64), ("language", 1e-6, 96, 64)])
+def test_real_models_take_the_papers_inner_loop(task, lr, new_tokens, N):
+    """resolve() with real models (no model is loaded): the paper's inner loop, one Adam step at lr 5e-6 for the head
+    tasks (its GPT-2 targets) and 1e-6 for the LM tasks (Llama-1B), eps 1e-8, the generator at the same lr; responses
+    of at least 32 tokens, L = 64 or the response length if longer; the paper's example credit; no trust region for
+    a real generator; the update's chunk B = N / (M K) = N. A tiny generator keeps its trust region, a tiny target its
+    inner loop; flags given win."""
+    cfg = dpg.resolve(dpg.Config(task=task, generator="smollm2", target="smollm2"))
+    assert (cfg.inner_opt, cfg.inner_lr, cfg.lr, cfg.inner_steps, cfg.inner_eps) == ("adam", lr, lr, 1, 1e-8)
+    assert (cfg.max_new_tokens, cfg.min_new_tokens, cfg.seq_len) == (new_tokens, 0, max(64, new_tokens))
+    assert (cfg.credit, cfg.max_kl, cfg.update_batch, cfg.prompts * cfg.rollouts) == ("example", 0.0, N, N)
+    tiny_gen = dpg.resolve(dpg.Config(task=task, target="smollm2"))
+    assert (tiny_gen.credit, tiny_gen.inner_lr, tiny_gen.max_kl, tiny_gen.update_batch) == ("example", lr, 1.0, 0)
+    tiny_target = dpg.resolve(dpg.Config(task=task, generator="smollm2"))
+    tiny = dpg.resolve(dpg.Config(task=task))
+    assert (tiny_target.credit, tiny_target.max_kl, tiny_target.inner_lr, tiny_target.inner_steps) == \
+        ("example", 0.0, tiny.inner_lr, tiny.inner_steps) and tiny.inner_lr != lr
+    given = dpg.resolve(dpg.Config(task=task, generator="smollm2", target="smollm2", inner_lr=1e-3, seq_len=200,
+                                   max_kl=0.5, lr=2e-5))
+    assert (given.inner_lr, given.seq_len, given.max_kl, given.lr) == (1e-3, 200, 0.5, 2e-5)
+
+
+def test_reward_credit_and_tokenizer_rules_are_named(monkeypatch):
+    """--reward and --credit take only their choices (naive: one process, example credit); token or label credit
+    pairs target tokens with generator tokens, so it needs one model for both (the same tokenizer)."""
+    for cfg, message in ((dpg.Config(reward="best"), "--reward 'best': choose dpg, or naive in one process"),
+                         (dpg.Config(credit="word"), "--credit 'word': choose example, or token or label with --reward dpg"),
+                         (dpg.Config(reward="naive", credit="token"), "--credit 'token': choose example"),
+                         (dpg.Config(reward="naive", credit="label"), "--credit 'label': choose example")):
+        with pytest.raises(dpg.BadInput, match=re.escape(message)):
+            dpg.resolve(cfg)
+    assert dpg.resolve(dpg.Config(reward="naive")).credit == "example"
+    for credit in ("token", "label"):
+        for generator, target in (("tiny", "smollm2"), ("smollm2", "tiny"), ("smollm2", "other/model")):
+            with pytest.raises(dpg.BadInput, match=f"--credit {credit}: pairs each target token with the generator"):
+                dpg.check_numbers(dpg.resolve(dpg.Config(credit=credit, generator=generator, target=target)))
+        for same in ("tiny", "smollm2"):
+            assert dpg.check_numbers(dpg.resolve(dpg.Config(credit=credit, generator=same, target=same))).credit == credit
+    monkeypatch.setattr(dpg, "ranks", lambda: 2)  # under torchrun
+    with pytest.raises(dpg.BadInput, match="naive in one process"):
+        dpg.resolve(dpg.Config(reward="naive"))
+    assert dpg.resolve(dpg.Config()).reward == "dpg"
 
 
 # ----------------------------------------------------------------------------- the real CLI, one run per task
