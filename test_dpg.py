@@ -4,6 +4,7 @@ forms, leave-one-out retraining, exhaustive enumeration, or a hand computation.
     python -m pytest -q test_dpg.py          # add -s to see the printed figures
 """
 import copy
+import dataclasses
 import itertools
 import json
 import math
@@ -216,6 +217,25 @@ def test_lr_decay_is_linear_in_the_step(monkeypatch, tmp_path):
     monkeypatch.setattr(dpg, "reinforce_step", lambda gen, opt, *a, **k: lrs.append(opt.param_groups[0]["lr"]) or step(gen, opt, *a, **k))
     dpg.run(dpg.Config(task="l2", steps=4, prompts=2, rollouts=2, lr=1e-3, lr_decay=0.5, out=str(tmp_path)))
     assert lrs == pytest.approx([1e-3, 0.875e-3, 0.75e-3, 0.625e-3], rel=1e-12)
+
+
+def test_example_credit_run_gives_each_group_its_advantages(monkeypatch, tmp_path):
+    """--credit example through run (DPG): one weight per example (eps of shape (N,)), so one reward each; the
+    advantages reinforce_step gets are the rewards centred and scaled within each prompt's G rollouts, by hand; the
+    row logs dpg_rewards' Phi and the rewards' std."""
+    seen = {}
+    recorder(monkeypatch, "dpg_rewards", seen, lambda a, out: (a[2].shape, out[0].item(), out[1].clone()))
+    recorder(monkeypatch, "reinforce_step", seen, lambda a, _: a[3].clone())
+    P, G = 2, 4
+    dpg.run(dpg.Config(task="l2", credit="example", steps=2, prompts=P, rollouts=G, out=str(tmp_path)))
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    for (shape, value, r), adv, row in zip(seen["dpg_rewards"], seen["reinforce_step"], rows):
+        assert shape == (P * G,) and r.shape == (P * G,) and adv.shape == (P * G,)
+        for p in range(P):
+            group = r[p * G: (p + 1) * G]
+            torch.testing.assert_close(adv[p * G: (p + 1) * G], (group - group.mean()) / group.std(), rtol=1e-5, atol=1e-6)
+        assert row["phi"] == value and row["reward_std"] == pytest.approx(r.std().item(), rel=1e-6)
+    assert len(rows) == 2
 
 
 def test_checkpoints_every_save_every_steps_and_at_the_end(monkeypatch, tmp_path):
@@ -819,6 +839,33 @@ def test_label_credit_moves_each_logit_by_its_labels_reward():
     assert (batch["rmask"] == 0).any() and torch.allclose(grad, expected, atol=1e-6)
 
 
+def test_label_credit_run_gathers_the_written_labels_rewards(tmp_path, monkeypatch):
+    """--credit label through run: the per-token reward r_j,tau is label_rewards' Q at the label written there, the
+    next token ids[j, tau + 1] (0 on padding), read off here by loops; the labels' rewards Q that the advantages get
+    have EOS's column zeroed (writing EOS adds no label); the target's ids are [BOS] + the tokens sampled; the row's
+    reward spread is the std of the sequence totals."""
+    seen = {}
+    recorder(monkeypatch, "rollout", seen, lambda a, out: out[0])
+    recorder(monkeypatch, "label_rewards", seen, lambda a, out: (a[2].clone(), a[3].clone(), out[1].clone()))
+    recorder(monkeypatch, "group_advantages", seen, lambda a, _: [x.clone() for x in a[:1] + a[2:]])
+    dpg.run(dpg.Config(task="67", steps=1, prompts=2, rollouts=2, max_new_tokens=8, seq_len=10, out=str(tmp_path)))
+    (ids, mask, Q), ((r, labels),) = seen["label_rewards"][0], seen["group_advantages"]
+    batch, eos = seen["rollout"][1], 256  # rollout 0 is the 'before' evaluation, 1 is step 0's
+    N, L, V = Q.shape
+    assert (N, L, V) == (4, 10, 257) and Q[..., eos].abs().max() > 0
+    expected = torch.zeros(N, L)
+    for j in range(N):
+        tokens = batch["tokens"][j]
+        assert ids[j, : len(tokens) + 1].tolist() == [eos] + tokens and mask[j].sum() == len(tokens) + 1
+        for tau in range(len(tokens)):  # label tau is token tau of the response: ids[j, tau + 1]
+            expected[j, tau] = Q[j, tau, tokens[tau]]
+    assert any(len(t) < L for t in batch["tokens"]) and torch.equal(r, expected)
+    Q[..., eos] = 0
+    assert torch.equal(labels, Q)
+    row = json.loads(open(tmp_path / "metrics.jsonl").readline())
+    assert row["reward_std"] == pytest.approx(expected.sum(1).std().item(), rel=1e-6)
+
+
 def test_trust_region_takes_the_largest_halved_step_within_max_kl():
     """reinforce_step(max_kl): the step it keeps is a plain AdamW step at lr / 2^k for the smallest k whose
     KL(pi_old || pi_new) on the batch (sum over tokens of e^d - 1 - d, d = log pi_new - log pi_old) is at
@@ -975,6 +1022,44 @@ def test_naive_rewards_grouping():
         expected = phi(dpg.inner_sft(sub, params, torch.ones(P, dtype=torch.float64), hp_k)).item()
         assert torch.allclose(r[members], torch.tensor(expected, dtype=r.dtype))
     assert r[0] != r[1]
+
+
+def recorder(monkeypatch, name, seen, keep=lambda args, result: result):
+    """Wrap dpg.<name> so that each call appends keep(args, result) to seen[name]; the result goes on unchanged."""
+    fn = getattr(dpg, name)
+
+    def wrapped(*a, **k):
+        result = fn(*a, **k)
+        seen.setdefault(name, []).append(keep(a, result))
+        return result
+    monkeypatch.setattr(dpg, name, wrapped)
+
+
+def test_naive_run_gives_the_whole_batch_one_baseline(tmp_path, monkeypatch):
+    """--reward naive through run: dataset k (rollout k of every prompt) is trained with the run's own M inner steps,
+    so with B / G examples per microbatch, and its Phi is every member's reward; the advantages reinforce_step gets are
+    the rewards centred and scaled over the whole batch (one baseline for all, not one per prompt); the row logs the
+    rewards' mean as Phi and their std."""
+    seen = {}
+    recorder(monkeypatch, "naive_rewards", seen, lambda a, r: (a, r.clone()))
+    recorder(monkeypatch, "reinforce_step", seen, lambda a, _: a[3].clone())
+    P, G, M = 4, 2, 4
+    dpg.run(dpg.Config(task="l2", reward="naive", steps=2, prompts=P, rollouts=G, inner_steps=M, log_every=1,
+                       out=str(tmp_path)))
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    N = P * G
+    for ((loss_fn, params, n, group, phi, hp), r), adv, row in zip(seen["naive_rewards"], seen["reinforce_step"], rows):
+        assert (n, group, r.shape) == (N, G, (N,))
+        for k in range(G):
+            idx = torch.arange(k, N, G)  # rollout k of each prompt
+            hp_k = dataclasses.replace(hp, micro_batch=N // G // M)  # M steps over N / G examples
+            w = dpg.inner_sft(lambda w, j: loss_fn(w, idx[j]), params, torch.ones(N // G), hp_k)
+            assert torch.equal(r[idx], phi(w).float().expand(P))
+        assert not torch.equal(r[0::G], r[1::G])
+        by_hand = (r - r.mean()) / r.std()
+        torch.testing.assert_close(adv, by_hand, rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(adv, dpg.group_advantages(r, G), atol=1e-3)  # not per prompt
+        assert row["phi"] == r.mean().item() and row["reward_std"] == pytest.approx(r.std().item(), rel=1e-6)
 
 
 def test_byte_tokenizer_is_gpt2_byte_alphabet():
