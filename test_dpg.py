@@ -816,6 +816,37 @@ def test_bf16_sampler_draws_from_the_float32_policy():
     assert 0 < err.max() < 0.05 and err.mean() < 0.01  # bf16 keeps 8 bits of mantissa (here: max 0.011, mean 0.004)
 
 
+def test_sample_bf16_run_samples_under_autocast_and_updates_in_float32(tmp_path, monkeypatch):
+    """--sample-bf16 through run: every batch is drawn under bf16 autocast, and the draws are those of HF's generate
+    under the same autocast from the same generator and seed (the sampler reads the right logits); the update's
+    log-probs and the inner loop's rewards run without autocast, in float32. Without the flag nothing is autocast."""
+    for bf16 in (False, True):  # the bf16 run's records stay in `seen`
+        seen, sample = {}, dpg.sample
+
+        def recording(gen, tok, prompts, *a, **k):
+            seen.setdefault("sample", []).append((torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"),
+                                                  copy.deepcopy(gen), torch.get_rng_state(), list(prompts)))
+            seen.setdefault("batch", []).append(sample(gen, tok, prompts, *a, **k))
+            return seen["batch"][-1]
+        monkeypatch.setattr(dpg, "sample", recording)
+        for name in ("reinforce_step", "dpg_rewards"):
+            recorder(monkeypatch, name, seen, lambda a, _: torch.is_autocast_enabled("cpu"))
+        dpg.run(dpg.Config(task="uuid", steps=2, prompts=2, rollouts=2, max_new_tokens=8, pretrain_steps=20,
+                           sample_bf16=bf16, out=str(tmp_path / str(bf16))))
+        monkeypatch.undo()
+        assert [x[0] for x in seen["sample"]] == [torch.bfloat16 if bf16 else False] * 4  # before, 2 steps, after
+        assert seen["reinforce_step"] == seen["dpg_rewards"] == [False, False]
+    tok = dpg.byte_tokenizer()
+    for (_, gen, rng, prompts), batch in zip(seen["sample"], seen["batch"]):  # the generator of each call
+        tok.padding_side = "left"
+        enc = tok(prompts, return_tensors="pt", padding=True)
+        torch.set_rng_state(rng)
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+            out = gen.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=8,
+                               num_return_sequences=2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        assert torch.equal(out, batch["ids"])
+
+
 def test_label_credit_moves_each_logit_by_its_labels_reward():
     """--credit label: with every label's reward Q (N, L, V) and no other advantage, the loss gradient on the
     generator's logit of label y at response position tau is -(Q_tau(y) - mean_y Q_tau) / (N T) up to EOS,
