@@ -44,7 +44,8 @@ def toy_target(arch="gpt2", d=8, seed=0, dtype=torch.float64):
         model = LlamaForCausalLM(cfg)
         for m in model.modules():  # HF's RMSNorm computes in float32 even in a float64 model, which
             if type(m).__name__ == "LlamaRMSNorm":  # would leave 1e-8 noise in Phi and spoil the FD oracle
-                m.forward = lambda x, m=m: m.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.variance_epsilon)
+                m.forward = lambda x, m=m: m.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)
+                                                                      + m.variance_epsilon)
         model.config._attn_implementation = "eager_fp64"  # same reason: eager's softmax is float32 (this model only)
     return model.to(dtype).eval()
 
@@ -139,7 +140,8 @@ def weighted_losses(credit, model, ids, mask):
         return lambda w, idx: dpg.sequence_losses(model, w, ids[idx], mask[idx]), torch.ones(n, dtype=torch.float64)
     if credit == "token":
         return lambda w, idx: dpg.token_losses(model, w, ids[idx], mask[idx]), torch.ones(n, L, dtype=torch.float64)
-    loss_fn = lambda w, idx: -dpg.functional_call(model, w, (ids[idx],), {"attention_mask": mask[idx]}).logits[:, :-1].log_softmax(-1) / L
+    loss_fn = lambda w, idx: -dpg.functional_call(model, w, (ids[idx],), {"attention_mask": mask[idx]}).logits[
+        :, :-1].log_softmax(-1) / L
     return loss_fn, (F.one_hot(ids[:, 1:], V) * mask[:, 1:, None]).double()
 
 
@@ -214,7 +216,8 @@ def test_summary_records_the_reward_mode_that_ran(monkeypatch, tmp_path):
 def test_lr_decay_is_linear_in_the_step(monkeypatch, tmp_path):
     """--lr-decay d: generator step k takes lr (1 - d k / steps), seen by a recorder around reinforce_step."""
     lrs, step = [], dpg.reinforce_step
-    monkeypatch.setattr(dpg, "reinforce_step", lambda gen, opt, *a, **k: lrs.append(opt.param_groups[0]["lr"]) or step(gen, opt, *a, **k))
+    monkeypatch.setattr(dpg, "reinforce_step",
+                        lambda gen, opt, *a, **k: lrs.append(opt.param_groups[0]["lr"]) or step(gen, opt, *a, **k))
     dpg.run(dpg.Config(task="l2", steps=4, prompts=2, rollouts=2, lr=1e-3, lr_decay=0.5, out=str(tmp_path)))
     assert lrs == pytest.approx([1e-3, 0.875e-3, 0.75e-3, 0.625e-3], rel=1e-12)
 
@@ -233,7 +236,8 @@ def test_example_credit_run_gives_each_group_its_advantages(monkeypatch, tmp_pat
         assert shape == (P * G,) and r.shape == (P * G,) and adv.shape == (P * G,)
         for p in range(P):
             group = r[p * G: (p + 1) * G]
-            torch.testing.assert_close(adv[p * G: (p + 1) * G], (group - group.mean()) / group.std(), rtol=1e-5, atol=1e-6)
+            by_hand = (group - group.mean()) / group.std()
+            torch.testing.assert_close(adv[p * G: (p + 1) * G], by_hand, rtol=1e-5, atol=1e-6)
         assert row["phi"] == value and row["reward_std"] == pytest.approx(r.std().item(), rel=1e-6)
     assert len(rows) == 2
 
@@ -242,7 +246,8 @@ def test_checkpoints_every_save_every_steps_and_at_the_end(monkeypatch, tmp_path
     """--save-every 2 over 5 steps writes the checkpoint after steps 2, 4 and 5 (the end), each with its config,
     seen by a recorder around torch.save."""
     saved, save = [], torch.save
-    monkeypatch.setattr(torch, "save", lambda obj, path: (saved.append(obj.get("step") if isinstance(obj, dict) else None), save(obj, path)))
+    step = lambda obj: obj.get("step") if isinstance(obj, dict) else None
+    monkeypatch.setattr(torch, "save", lambda obj, path: (saved.append(step(obj)), save(obj, path)))
     dpg.run(dpg.Config(task="l2", steps=5, prompts=2, rollouts=2, save_every=2, out=str(tmp_path)))
     assert [x for x in saved if x is not None] == [2, 4, 5]
     assert torch.load(tmp_path / "checkpoint.pt")["config"]["save_every"] == 2
@@ -330,7 +335,8 @@ def test_update_vjp_is_autograd_of_the_update(opt):
     """The reverse sweep's hand-written VJP of the optimizer update equals autograd through `update`
     itself (float64; Adam with eps_root, weight decay and bias correction at step t = 2)."""
     g = torch.Generator().manual_seed(0)
-    rnd = lambda: {"a": torch.randn(3, 4, generator=g, dtype=torch.float64), "b": torch.randn(5, generator=g, dtype=torch.float64)}
+    rnd = lambda: {"a": torch.randn(3, 4, generator=g, dtype=torch.float64),
+                   "b": torch.randn(5, generator=g, dtype=torch.float64)}
     w, m, v, adjoint = rnd(), rnd(), {n: x.abs() for n, x in rnd().items()}, (rnd(), rnd(), rnd())
     grad = [x * 1e-3 for x in rnd().values()]  # small enough that eps_root matters
     hp = dpg.Inner(lr=0.1, optimizer=opt, eps_root=1e-6, weight_decay=0.01)
@@ -477,7 +483,8 @@ def test_eps_root_zero_is_caught_by_name():
     infinite there. nn.Embedding's gather backward happens to drop the resulting NaN, so this uses a
     dense one-hot embedding (as JAX-style code does), where it reaches the rewards."""
     g = torch.Generator().manual_seed(0)
-    params = {"E": torch.randn(V, 4, generator=g, dtype=torch.float64), "U": torch.randn(4, V, generator=g, dtype=torch.float64)}
+    params = {"E": torch.randn(V, 4, generator=g, dtype=torch.float64),
+              "U": torch.randn(4, V, generator=g, dtype=torch.float64)}
     x = torch.randint(0, 5, (4, 6), generator=g)  # tokens 5..V-1 never appear
 
     def loss_fn(w, idx):
@@ -487,7 +494,7 @@ def test_eps_root_zero_is_caught_by_name():
     phi = lambda w: -w["E"].pow(2).sum()
     with pytest.raises(FloatingPointError, match="eps_root"):
         dpg.dpg_rewards(loss_fn, params, torch.ones(4), phi, dpg.Inner(lr=1e-2, micro_batch=4, eps_root=0.0))
-    _, r = dpg.dpg_rewards(loss_fn, params, torch.ones(4), phi, dpg.Inner(lr=1e-2, micro_batch=4))  # eps_root = 1e-9: fine
+    _, r = dpg.dpg_rewards(loss_fn, params, torch.ones(4), phi, dpg.Inner(lr=1e-2, micro_batch=4))  # eps_root 1e-9
     assert torch.isfinite(r).all() and r.abs().max() > 0
 
 
@@ -720,7 +727,8 @@ def test_uuid_logprob_by_chain_rule():
     cfg = dpg.Config(task="uuid")
     phi, measure = dpg.make_task(cfg, model, tok, params)
     seq = [tok.eos_token_id] + tok(dpg.UUID)["input_ids"]
-    hand = sum(torch.log_softmax(model(torch.tensor([seq[:t]])).logits[0, -1], -1)[seq[t]].item() for t in range(1, len(seq)))
+    hand = sum(torch.log_softmax(model(torch.tensor([seq[:t]])).logits[0, -1], -1)[seq[t]].item()
+               for t in range(1, len(seq)))
     assert abs(measure(params, [])["uuid_logprob"] - hand) < 1e-8
     assert abs(phi(params).item() - hand / (len(seq) - 1)) < 1e-10
     # how close samples come to the UUID "5f0c2e8a-3b6d-4c1f-...", counted by hand: all 36 characters; "-3b6d-4c"
@@ -864,7 +872,8 @@ def test_label_credit_moves_each_logit_by_its_labels_reward():
     dpg.reinforce_step(gen, opt, batch, torch.zeros(N), temp, clip=1e9, Q=Q)
     hook.remove()
     grad = torch.cat([seen[0].grad[:, -1:], seen[1].grad], 1)  # the first response token's logits, then the rest
-    expected = -(Q - Q.mean(-1, keepdim=True))[:, : batch["rmask"].shape[1]].float() / (N * temp) * batch["rmask"][..., None]
+    expected = (-(Q - Q.mean(-1, keepdim=True))[:, : batch["rmask"].shape[1]].float() / (N * temp)
+                * batch["rmask"][..., None])
     assert (batch["rmask"] == 0).any() and torch.allclose(grad, expected, atol=1e-6)
 
 
@@ -1018,10 +1027,11 @@ def test_chunked_update_is_the_one_pass_update(credit, max_kl):
     tok, temp = dpg.byte_tokenizer(), 0.8
     gen = dpg.tiny_lm("gpt2", len(tok), 16, 2, seed=4, tie=False).double()
     torch.manual_seed(0)
-    batch = dpg.sample(gen, tok, ["Rephrase: a b", "Rephrase: the river", "Rephrase: x", "Rephrase: stone bridge"], 2, 6, temp)
+    prompts = ["Rephrase: a b", "Rephrase: the river", "Rephrase: x", "Rephrase: stone bridge"]
+    batch = dpg.sample(gen, tok, prompts, 2, 6, temp)
     N, Tr = batch["rmask"].shape
     g = torch.Generator().manual_seed(1)
-    adv = torch.randn(N, dtype=torch.float64, generator=g) if credit == "example" else torch.randn(N, Tr + 2, dtype=torch.float64, generator=g)
+    adv = torch.randn(*(N,) if credit == "example" else (N, Tr + 2), dtype=torch.float64, generator=g)
     Q = torch.randn(N, Tr + 2, len(tok), dtype=torch.float64, generator=g) if credit == "label" else None
     steps = {}
     for chunk in (0, 2, 3, 6):
@@ -1034,7 +1044,8 @@ def test_chunked_update_is_the_one_pass_update(credit, max_kl):
     for chunk in (2, 3, 6):
         g_c, w_c, kl_c, taken_c = steps[chunk]
         assert max(rel_err(a, b) for a, b in zip(g_c, grad) if b.abs().max() > 0) <= 1e-10
-        assert max((a - b).abs().max().item() for a, b in zip(w_c, w)) <= 1e-10 * max((a - b).abs().max().item() for a, b in zip(w, gen.parameters()))
+        step = max((a - b).abs().max().item() for a, b in zip(w, gen.parameters()))
+        assert max((a - b).abs().max().item() for a, b in zip(w_c, w)) <= 1e-10 * step
         assert taken_c == taken and (kl is None and kl_c is None or abs(kl_c - kl) <= 1e-10 * kl)
 
 
@@ -1215,7 +1226,7 @@ def qr_decode_version1(M):
 
 
 def png_modules(path, scale=10, quiet=4):
-    """The modules of a PNG that save_png wrote (8-bit gray, filter 0), read back at each module's centre: True = dark."""
+    """The modules of a PNG that save_png wrote (8-bit gray, filter 0), read at each module's centre: True = dark."""
     data = open(path, "rb").read()
     w = int.from_bytes(data[16:20], "big")
     idat = data.index(b"IDAT")
@@ -1288,7 +1299,7 @@ def test_reward_credit_and_tokenizer_rules_are_named(monkeypatch):
     """--reward and --credit take only their choices (naive: one process, example credit); token or label credit
     pairs target tokens with generator tokens, so it needs one model for both (the same tokenizer)."""
     for cfg, message in ((dpg.Config(reward="best"), "--reward 'best': choose dpg, or naive in one process"),
-                         (dpg.Config(credit="word"), "--credit 'word': choose example, or token or label with --reward dpg"),
+                         (dpg.Config(credit="word"), "--credit 'word': choose example, or token or label with"),
                          (dpg.Config(reward="naive", credit="token"), "--credit 'token': choose example"),
                          (dpg.Config(reward="naive", credit="label"), "--credit 'label': choose example")):
         with pytest.raises(dpg.BadInput, match=re.escape(message)):
@@ -1299,7 +1310,8 @@ def test_reward_credit_and_tokenizer_rules_are_named(monkeypatch):
             with pytest.raises(dpg.BadInput, match=f"--credit {credit}: pairs each target token with the generator"):
                 dpg.check_numbers(dpg.resolve(dpg.Config(credit=credit, generator=generator, target=target)))
         for same in ("tiny", "smollm2"):
-            assert dpg.check_numbers(dpg.resolve(dpg.Config(credit=credit, generator=same, target=same))).credit == credit
+            cfg = dpg.Config(credit=credit, generator=same, target=same)
+            assert dpg.check_numbers(dpg.resolve(cfg)).credit == credit
     monkeypatch.setattr(dpg, "ranks", lambda: 2)  # under torchrun
     with pytest.raises(dpg.BadInput, match="naive in one process"):
         dpg.resolve(dpg.Config(reward="naive"))
@@ -1370,7 +1382,8 @@ def test_cli_smoke(task, reference_runs):
     if task == "l2":
         assert summary["lm_head_norm_after"] == -summary["phi_after"]
     if task == "uuid":
-        assert len(dpg.UUID) == 36 and summary["uuid_logprob_after"] == pytest.approx(36 * summary["phi_after"], rel=1e-6)
+        assert len(dpg.UUID) == 36
+        assert summary["uuid_logprob_after"] == pytest.approx(36 * summary["phi_after"], rel=1e-6)
     if task == "language":
         assert summary["last_word_loss_after"] == -summary["phi_after"]
     if task in ("qr", "67"):
@@ -1381,7 +1394,7 @@ def test_cli_smoke(task, reference_runs):
         assert (delta != 0).all()  # so the PNG's agreement with S is pixel accuracy too
 
 
-# ----------------------------------------------------------------------------- real models: loading, named errors, resume
+# ----------------------------------------------------------------------------- real models: loading, errors, resume
 
 
 def test_load_model_from_local_folder_matches_original(tmp_path):
@@ -1456,27 +1469,33 @@ def folder_bytes(path):
 def made_run(tmp_path_factory):
     """A finished 2-step l2 run (tiny models), made once; each test works on its own copy."""
     out = tmp_path_factory.mktemp("made") / "run"
-    assert isinstance(dpg.main(["--task", "l2", "--steps", "2", "--prompts", "2", "--rollouts", "4", "--out", str(out)]),
-                      dict)
+    args = ["--task", "l2", "--steps", "2", "--prompts", "2", "--rollouts", "4", "--out", str(out)]
+    assert isinstance(dpg.main(args), dict)
     return out
 
 
 @pytest.mark.parametrize("case,args,message", [
-    ("again", [], "already holds a run (checkpoint.pt, summary.json, metrics.jsonl, generator): continue it with --resume"),
-    ("no checkpoint", ["--resume"], "holds a run (summary.json, metrics.jsonl, generator): it has no checkpoint.pt to "),
-    ("steps under decay", ["--steps", "3", "--resume"], "decays its lr over the 2 steps it began with (--lr-decay 1.0)"),
+    ("again", [],
+     "already holds a run (checkpoint.pt, summary.json, metrics.jsonl, generator): continue it with --resume"),
+    ("no checkpoint", ["--resume"],
+     "holds a run (summary.json, metrics.jsonl, generator): it has no checkpoint.pt to "),
+    ("steps under decay", ["--steps", "3", "--resume"],
+     "decays its lr over the 2 steps it began with (--lr-decay 1.0)"),
     ("another world size", ["--resume"], "ran in 2 torchrun process(es), this in 1: each rank's data follows R"),
     ("in use", ["--resume"], "is in use by another run that is still going: wait for it to end, or choose another"),
-    ("another task", ["--task", "uuid", "--resume"], "holds another run; differing: --task l2 (the run's) against uuid;"),
-    ("other numbers", ["--lr", "1", "--prompts", "8", "--resume"], "differing: --prompts 2 (the run's) against 8; --lr 0.003 (the run's) against 1.0."),
+    ("another task", ["--task", "uuid", "--resume"],
+     "holds another run; differing: --task l2 (the run's) against uuid;"),
+    ("other numbers", ["--lr", "1", "--prompts", "8", "--resume"],
+     "differing: --prompts 2 (the run's) against 8; --lr 0.003 (the run's) against 1.0."),
     ("fewer steps", ["--steps", "1", "--resume"], "--steps 1: is below the 2 steps that the run in"),
     ("cut short", ["--resume"], "checkpoint.pt cannot be read (RuntimeError: "),
     ("not a checkpoint", ["--resume"], "checkpoint.pt cannot be read ("),
     ("older format", ["--resume"], "format 1, this dpg.py reads 2"),
 ])
-def test_a_run_is_never_overwritten_nor_resumed_as_another(made_run, tmp_path, monkeypatch, capsys, case, args, message):
-    """A folder that holds a run is refused to a fresh run, and to a --resume with other flags or a checkpoint that cannot
-    be read: one line, exit status 2, and every file in the folder byte-identical afterwards."""
+def test_a_run_is_never_overwritten_nor_resumed_as_another(made_run, tmp_path, monkeypatch, capsys, case, args,
+                                                           message):
+    """A folder that holds a run is refused to a fresh run, and to a --resume with other flags or a checkpoint that
+    cannot be read: one line, exit status 2, and every file in the folder byte-identical afterwards."""
     import shutil
     out = tmp_path / "run"
     shutil.copytree(made_run, out)
@@ -1751,7 +1770,8 @@ def test_user_phi_is_what_the_run_optimises(tmp_path, monkeypatch):
         assert (q["phi"], q["reward_std"], q["samples"]) == (2 * r["phi"], 2 * r["reward_std"], r["samples"])
     assert a["task"] == "l2" and b["task"] == "twice_l2" and "lm_head_norm_after" not in b
     assert (b["phi_before"], b["phi_after"]) == (2 * a["phi_before"], 2 * a["phi_after"])
-    assert (b["twice_norm_before"], b["twice_norm_after"]) == (2 * a["lm_head_norm_before"], 2 * a["lm_head_norm_after"])
+    for when in ("before", "after"):
+        assert b[f"twice_norm_{when}"] == 2 * a[f"lm_head_norm_{when}"]
 
 
 @pytest.mark.parametrize("args,message", [
@@ -1768,7 +1788,8 @@ def test_user_phi_is_what_the_run_optimises(tmp_path, monkeypatch):
     (["--micro-batch", "8", "--inner-steps", "2"], "--inner-steps 2 with --micro-batch 8: give one"),
 ] + [(["--task", task, flag, value], f"{flag} ") for task, flag, value in (  # bad numbers: the line names the flag
     ("67", "--prompts", "0"), ("67", "--seq-len", "0"), ("67", "--temperature", "0"), ("uuid", "--inner-lr", "nan"),
-    ("67", "--steps", "-1"), ("67", "--rollouts", "1"), ("language", "--lang", "xx"), ("67", "--generator", "/nonexistent"),
+    ("67", "--steps", "-1"), ("67", "--rollouts", "1"), ("language", "--lang", "xx"),
+    ("67", "--generator", "/nonexistent"),
     ("67", "--out", "/proc/forbidden"), ("67", "--inner-steps", "0"), ("67", "--lr", "inf"), ("67", "--max-kl", "-1"),
     ("67", "--seq-len", "16"),  # the default responses are 32 tokens
     ("67", "--min-new-tokens", "40"), ("67", "--log-every", "0"), ("67", "--lr-decay", "1.5"),
@@ -1783,7 +1804,9 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path, monkeypatch, capsys, a
     out.mkdir()
     (out / "summary.json").write_text("an earlier run")
     argv = ["--task", "l2", "--steps", "1", "--out", str(out), "--overwrite", *args]  # the flags of args win
-    if args in (["--task", "nope"], ["--generator", "no-such-folder/model"], ["--task", "67", "--generator", "/nonexistent"]):
+    real = (["--task", "nope"], ["--generator", "no-such-folder/model"],
+            ["--task", "67", "--generator", "/nonexistent"])
+    if args in real:
         proc = cli(tmp_path, *argv)
         code, err = proc.returncode, proc.stderr
     else:
@@ -1793,7 +1816,7 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path, monkeypatch, capsys, a
 
 
 def one_error_line(code, err, message):
-    """Exit status 2 and one line 'dpg.py: error: ...' holding message, with no traceback (True, or an AssertionError)."""
+    """Exit status 2 and one line 'dpg.py: error: ...' holding message, no traceback (True, or an AssertionError)."""
     lines = err.strip().splitlines()
     assert code == 2 and "Traceback" not in err, err[-2000:]
     assert lines[-1].startswith("dpg.py: error: ") and message in lines[-1], lines[-1]
@@ -1904,7 +1927,8 @@ def test_torchrun_cli_resumes_and_logs_the_one_process_phi(tmp_path, M, credit, 
     assert sorted(os.listdir(out)) == ["67.png", "checkpoint.pt", "generator", "metrics.jsonl", "summary.json"]
     rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [0, 1, 2]
-    cfg, s = dpg.setup(dpg.Config(task="67", prompts=4, rollouts=2, inner_steps=M, credit=credit))  # one process: N = 8, B = 8 / M
+    # one process: N = 8, B = 8 / M
+    cfg, s = dpg.setup(dpg.Config(task="67", prompts=4, rollouts=2, inner_steps=M, credit=credit))
     assert s.hp.micro_batch == 8 // M
     order = [4 * k + t for t in range(4) for k in range(2)]  # inner step t: rank 0's example t, then rank 1's
     for step in (0, 2):
@@ -1945,7 +1969,8 @@ def test_two_ranks_take_the_one_process_generator_step(two_ranks):
     gen = dpg.tiny_lm("gpt2", 257, 32, 2, seed=0)
     opt = torch.optim.AdamW(gen.parameters(), lr=0.05)
     w0 = {n: p.clone() for n, p in gen.state_dict().items()}
-    _, kl, taken = dpg.reinforce_step(gen, opt, both, torch.cat([ranks[0]["adv"], ranks[1]["adv"]]), 1.0, 1e9, max_kl=0.5)
+    adv = torch.cat([ranks[0]["adv"], ranks[1]["adv"]])
+    _, kl, taken = dpg.reinforce_step(gen, opt, both, adv, 1.0, 1e9, max_kl=0.5)
     assert taken < 1 and all(x["taken"] == taken and abs(x["kl"] - kl) <= 1e-5 for x in ranks)  # one halving decision
     step = max((p - w0[n]).abs().max().item() for n, p in gen.state_dict().items())
     for x in ranks:
