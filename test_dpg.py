@@ -1596,23 +1596,24 @@ def stopping_child(tmp_path, args, function, n, sig, name="", write=False):
 
 def test_a_run_killed_at_any_moment_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch, reference_runs):
     """SIGKILL at chosen moments, each followed by --resume: while the 3rd checkpoint is written (its temporary file
-    whole, not yet renamed), while a resume rewrites metrics.jsonl, and just after a row is logged, before its
-    checkpoint. The last good checkpoint and the rows up to it survive each kill, and the finished run's
-    metrics.jsonl and summary.json equal the uninterrupted reference run's, timings aside."""
+    whole, not yet renamed); just after a row is logged, before its checkpoint; while the finished run's generator
+    is written, before its summary. The last good checkpoint and the rows up to it survive each kill, and the
+    finished run's metrics.jsonl and summary.json equal the uninterrupted reference run's, timings aside."""
     import signal
     out = tmp_path / "killed"
     args = argv_of(REFERENCE["uuid"]) + ["--out", str(out)]
     rows = lambda: len(open(out / "metrics.jsonl").readlines())
     for extra, name, n, write, (step, logged) in (
             ([], "checkpoint.pt", 3, True, (2, 3)),  # row 2 logged, the checkpoint of step 3 half done
-            (["--resume"], "metrics.jsonl", 1, True, (2, 3)),  # the rows past the checkpoint not yet dropped
-            (["--resume"], "checkpoint.pt", 2, False, (3, 4))):  # rows 2 and 3 logged, checkpoint 3 written
+            (["--resume"], "checkpoint.pt", 2, False, (3, 4)),  # from step 2: rows 2 and 3 logged, checkpoint 3 written
+            (["--resume"], "generator", 1, True, (8, 8))):  # all 8 steps done and saved, the outputs half written
         tmp = lambda: {f for f in os.listdir(out) if ".tmp" in f} if out.exists() else set()
         earlier = tmp()
         proc = stopping_child(tmp_path, args + extra, "atomic", n, signal.SIGKILL, name, write)
         assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]  # killed mid-run, not finished
         assert torch.load(out / "checkpoint.pt")["step"] == step and rows() == logged
         assert [f.split(".tmp")[0] for f in tmp() - earlier] == [name] * write  # this child's half-done write
+        assert not (out / "summary.json").exists()
     assert isinstance(main_in(tmp_path, monkeypatch, *args, "--resume"), dict)
     (summary, rows), (summary_killed, rows_killed) = outputs(reference_runs("uuid")[0]), outputs(out)
     assert rows_killed == rows and len(rows) == 8 and summary_killed == summary
