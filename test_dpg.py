@@ -1366,6 +1366,11 @@ def test_cli_smoke(task, reference_runs):
     summary, rows = outputs(out)
     assert summary["task"] == task and [r["step"] for r in rows] == list(range(REFERENCE[task]["steps"]))
     assert all(r["reward_std"] > 0 for r in rows)  # the rewards really vary between examples
+    measure = {"qr": "pixel_accuracy", "67": "pixel_accuracy", "l2": "lm_head_norm", "uuid": "uuid_logprob",
+               "language": "target_language_share"}[task]
+    for key in ("phi_before", "phi_after", f"{measure}_before", f"{measure}_after"):
+        assert isinstance(summary[key], float) and math.isfinite(summary[key]), key
+    assert open(out / "generator" / "config.json").read().startswith("{")
     cfg, s = dpg.setup(dpg.Config(**REFERENCE[task]))
     shape = (s.N, cfg.seq_len) if cfg.credit == "token" else (s.N,)
     phi = lambda seed: s.phi(dpg.inner_sft(dpg.rollout(cfg, s, 0, seed)[1], s.w0, torch.ones(shape), s.hp)).item()
