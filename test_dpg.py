@@ -1983,3 +1983,114 @@ def test_two_ranks_take_the_one_process_generator_step(two_ranks):
     for x in ranks:
         assert max(rel_err(a, p.grad) for a, p in zip(x["g"], gen.parameters())) <= 1e-5
         assert max((x["w"][n] - p).abs().max().item() for n, p in gen.state_dict().items()) <= 1e-2 * step
+
+
+# ----------------------------------------------------------------------------- DPG's rewards inside TRL's GRPOTrainer
+
+
+def trl_target():
+    """A float64 tiny GPT-2 target over the byte alphabet (its eager attention stays float64) and Phi = the mean
+    log-likelihood of the UUID, which reads every weight."""
+    tok = dpg.byte_tokenizer()
+    target = dpg.tiny_lm("gpt2", len(tok), 16, 1, seed=5).double()
+    ids, mask = dpg.encode_for_target(tok, [dpg.UUID], len(dpg.UUID))
+    return tok, target, lambda w: dpg.lm_phi(target, w, ids, mask)
+
+
+def one_process_trl_rewards(tok, target, phi, tokens, hp, L):
+    """The oracle: dpg_rewards on these target tokens in one process: (Phi, r, r over its std (numpy's, ddof 1))."""
+    import numpy as np
+    ids, mask = dpg.encode_for_target(tok, None, L, tokens)
+    loss_fn = lambda w, idx: dpg.sequence_losses(target, w, ids[idx], mask[idx])
+    params = {n: p.detach() for n, p in target.named_parameters()}
+    value, r = dpg.dpg_rewards(loss_fn, params, torch.ones(len(tokens), dtype=torch.float64), phi, hp)
+    return value.item(), r, r / float(np.std(r.numpy(), ddof=1))
+
+
+def test_trl_reward_is_dpg_rewards_over_the_batch_std():
+    """TRL's call on a fixed batch of 8 (4 end with EOS, which is not trained on; one is empty): the rewards equal
+    dpg_rewards on the same examples over their std, to 1e-10 in float64, whether the ids pass (one tokenizer) or
+    the texts are re-encoded; Phi and the raw std are logged; a NaN Phi ends in the named error."""
+    tok, target, phi = trl_target()
+    texts = ["5f0c-2e8a", "the cat", "", "3b6d 4c1f 9e7a", "hello, world", "0e13", "ab-cd-ef", "Rephrase this"]
+    tokens = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    completion_ids = [t + [tok.eos_token_id] if j % 2 else t for j, t in enumerate(tokens)]  # as TRL: EOS kept
+    hp, L = dpg.Inner(lr=1e-2, micro_batch=4), 16  # M = 2 inner Adam steps
+    value, raw, expected = one_process_trl_rewards(tok, target, phi, tokens, hp, L)
+    for gen_tok in (tok, None):  # ids as they are; texts re-encoded
+        logged = {}
+        reward = dpg.TRLReward(target, tok, phi, hp, L, generator_tokenizer=gen_tok)
+        r = reward(prompts=["p"] * 8, completions=texts, completion_ids=completion_ids,
+                   log_metric=lambda k, v: logged.update({k: v}), trainer_state=None)
+        assert reward.ids == (gen_tok is not None) and len(r) == 8 and all(isinstance(x, float) for x in r)
+        assert (torch.tensor(r, dtype=torch.float64) - expected).abs().max() <= 1e-10 and expected.abs().max() > 0.5
+        assert logged["dpg/phi"] == value
+        assert abs(logged["dpg/reward_std"] * expected[0].item() - raw[0].item()) <= 1e-12 * raw.abs().max().item()
+    nan_phi = dpg.TRLReward(target, tok, lambda w: phi(w) * float("nan"), hp, L, generator_tokenizer=tok)
+    with pytest.raises(FloatingPointError, match="NaN/inf"):
+        nan_phi(prompts=["p"] * 8, completions=texts, completion_ids=completion_ids, log_metric=lambda k, v: None)
+
+
+TRL_WORKER = """
+import json, os, sys
+import torch
+sys.path.insert(0, {here!r})
+import dpg, test_dpg
+from datasets import Dataset
+from trl import GRPOConfig, GRPOTrainer
+
+torch.set_num_threads(1)
+torch.distributed.init_process_group("gloo")
+tok, target, phi = test_dpg.trl_target()
+gen = dpg.tiny_lm("gpt2", len(tok), 16, 1, seed=0)
+theta0 = {{n: p.detach().clone() for n, p in gen.named_parameters()}}
+calls = []
+
+class Recorded(dpg.TRLReward):  # records each call's completion ids, rewards and logged Phi
+    def __call__(self, prompts, completions, completion_ids, log_metric=None, **kw):
+        logged = {{}}
+        r = super().__call__(prompts, completions, completion_ids, lambda k, v: logged.update({{k: v}}), **kw)
+        calls.append({{"ids": [[int(x) for x in c] for c in completion_ids], "r": r, "phi": logged["dpg/phi"]}})
+        return r
+
+args = GRPOConfig(output_dir="trl-out", max_steps=2, per_device_train_batch_size=4, num_generations=2,
+                  max_completion_length=8, learning_rate=1e-2, use_cpu=True, report_to="none", logging_steps=1,
+                  save_strategy="no", seed=0, disable_tqdm=True)
+reward = Recorded(target, tok, phi, dpg.Inner(lr=1e-2, micro_batch=4), 8, generator_tokenizer=tok)  # M = 1 per rank
+trainer = GRPOTrainer(model=gen, reward_funcs=[reward], args=args, processing_class=tok,
+                      train_dataset=Dataset.from_dict({{"prompt": [f"Rephrase: passage {{k}}\\n" for k in range(8)]}}))
+trainer.train()
+moved = max((p.detach() - theta0[n]).abs().max().item() for n, p in gen.named_parameters())
+with open(f"rank{{dpg.rank()}}.json", "w") as f:
+    json.dump({{"calls": calls, "moved": moved, "ranks": dpg.ranks()}}, f)
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_trl_two_ranks_reward_as_one_process(tmp_path):
+    """torchrun --nproc-per-node 2 (gloo), a 2-step GRPOTrainer run, 4 completions per rank and step: each rank's
+    rewards equal one process's dpg_rewards on both ranks' completions over their std, to 1e-8 in float64; each
+    rank's Phi is that process's; the generator's weights change, the same on both ranks."""
+    import socket
+    with socket.socket() as s:  # a free port: --standalone's rendezvous is slower and has failed on shared machines
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "worker.py").write_text(TRL_WORKER.format(here=HERE))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2", "--master-addr",
+           "127.0.0.1", "--master-port", str(port), "worker.py"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.load(open(tmp_path / f"rank{k}.json")) for k in range(2)]
+    assert [x["ranks"] for x in ranks] == [2, 2] and [len(x["calls"]) for x in ranks] == [2, 2]
+    tok, target, phi = trl_target()
+    eos = tok.eos_token_id
+    for step in range(2):
+        ids = [c for x in ranks for c in x["calls"][step]["ids"]]  # rank 0's 4, then rank 1's
+        tokens = [c[:c.index(eos)] if eos in c else c for c in ids]
+        value, _, r = one_process_trl_rewards(tok, target, phi, tokens, dpg.Inner(lr=1e-2, micro_batch=8), 8)
+        for k, x in enumerate(ranks):
+            assert (torch.tensor(x["calls"][step]["r"], dtype=torch.float64) - r[4 * k: 4 * k + 4]).abs().max() <= 1e-8
+            assert abs(x["calls"][step]["phi"] - value) <= 1e-12 * abs(value)
+        assert r.abs().max() > 0.5
+    assert ranks[0]["moved"] > 1e-4 and ranks[0]["moved"] == ranks[1]["moved"]
