@@ -2072,7 +2072,7 @@ def test_trl_two_ranks_reward_as_one_process(tmp_path):
     rewards equal one process's dpg_rewards on both ranks' completions over their std, to 1e-8 in float64; each
     rank's Phi is that process's; the generator's weights change, the same on both ranks."""
     import socket
-    with socket.socket() as s:  # a free port: --standalone's rendezvous is slower and has failed on shared machines
+    with socket.socket() as s:  # a port no other job on the machine holds, for the ranks' rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     (tmp_path / "worker.py").write_text(TRL_WORKER.format(here=HERE))
