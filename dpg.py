@@ -1454,37 +1454,26 @@ def clock(dev):
 # ----------------------------------------------------------------------------- DPG's rewards inside TRL's GRPOTrainer
 
 class TRLReward:
-    """The exact DPG rewards as a reward function of TRL's GRPOTrainer: GRPOTrainer(reward_funcs=[TRLReward(...)]).
-    TRL calls it on each process with that process's completions; it returns r_i / std(r), r_i = dPhi(A(D))/d eps_i
-    of one inner SFT on every process's completions (the inner gradients sum over ranks, as in run), the std over
-    all of them. Why the scale: TRL divides each group by its std + 1e-4, and real models' r ~ 1e-9 would vanish
-    under that 1e-4; a positive constant keeps every group's order. Uses nothing of trl.
-    `generator_tokenizer`: when its vocabulary is the target tokenizer's, TRL's completion ids pass as they are
-    (bytes that are not UTF-8 would not survive decoding and encoding again); else the texts are re-encoded."""
-    __name__ = "dpg"  # TRL names the reward's log columns after its function's name
-
+    """GRPOTrainer(reward_funcs=[TRLReward(...)]): r_i / std(r) on this process's completions, r the exact rewards of
+    one inner SFT on all processes' (gradients summed over ranks); scaled, as TRL's group std + 1e-4 erases r ~ 1e-9."""
+    __name__ = "dpg"  # TRL names the reward's log columns after it
     def __init__(self, target, tokenizer, phi, hp, seq_len, generator_tokenizer=None):
         self.target, self.tok, self.phi, self.hp, self.L = target, tokenizer, phi, hp, seq_len
         self.w0 = {n: p.detach() for n, p in target.named_parameters()}
         self.ids = generator_tokenizer is not None and generator_tokenizer.get_vocab() == tokenizer.get_vocab()
-
-    def loss_fn(self, completions, completion_ids):
-        """loss_fn(w, idx) of the target on these completions; EOS and what follows are dropped, as sample does."""
+    def loss_fn(self, completions, completion_ids):  # the target's; TRL's ids as they are if self.ids, else the texts
         eos, texts = self.tok.eos_token_id, [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         tokens = [t[:t.index(eos)] if eos in t else t for t in map(list, completion_ids)] if self.ids else None
         ids, mask = (x.to(self.target.device) for x in encode_for_target(self.tok, texts, self.L, tokens))
-        return lambda w, idx: sequence_losses(self.target, w, ids[idx], mask[idx])
-
+        return lambda w, idx: sequence_losses(self.target, w, ids[idx], mask[idx])  # EOS on dropped, as in sample
     def __call__(self, prompts, completions, completion_ids, log_metric=None, **kwargs):
-        """One float per completion: r_i / std(r over every process's completions). Logs Phi(A(D)) and that std."""
-        eps = torch.ones(len(completions), dtype=next(iter(self.w0.values())).dtype, device=self.target.device)
-        with torch.enable_grad():  # whatever TRL's grad mode around reward functions
-            value, r = dpg_rewards(self.loss_fn(completions, completion_ids), self.w0, eps, self.phi, self.hp)
-        std = torch.tensor(all_lists(r.tolist()), dtype=torch.float64).std().item()
-        if log_metric:  # TRL averages these over processes; both are the same on every process
-            log_metric("dpg/phi", value.item())
-            log_metric("dpg/reward_std", std)
-        return (r.double() / (std if std > 0 else 1.0)).tolist()  # std 0: every r is equal, every advantage 0
+        f, ones = self.loss_fn(completions, completion_ids), torch.ones(len(completions))
+        with torch.enable_grad():  # TRL's evaluation scores completions under no_grad
+            value, r = dpg_rewards(f, self.w0, ones, self.phi, self.hp)  # NaN/inf: check_rewards' named error
+        std = torch.tensor(all_lists(r.tolist()), dtype=torch.float64).std().item()  # over every process's r
+        for name, x in (("dpg/phi", value.item()), ("dpg/reward_std", std)) if log_metric else ():
+            log_metric(name, x)  # TRL averages them over processes: each is the same on all
+        return (r.double() / (std if std > 0 else 1.0)).tolist()  # std 0: all r equal, all advantages 0
 
 
 # ----------------------------------------------------------------------------- torchrun (thin) and the command line
