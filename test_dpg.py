@@ -904,6 +904,25 @@ def test_label_credit_run_gathers_the_written_labels_rewards(tmp_path, monkeypat
     assert row["reward_std"] == pytest.approx(expected.sum(1).std().item(), rel=1e-6)
 
 
+def full_logp(model, batch, temp):
+    """log pi(x_tau | x_<tau) of every response token, by one full forward of prompt + response: (N, Tr)."""
+    n, pos = batch["n_prompt"], (batch["attn"].cumsum(1) - 1).clamp(min=0)
+    logits = model(batch["ids"], attention_mask=batch["attn"], position_ids=pos).logits[:, n - 1:-1] / temp
+    return torch.log_softmax(logits, -1).gather(-1, batch["ids"][:, n:, None])[..., 0] * batch["rmask"]
+
+
+def replayed_step(model, opt, batch, adv, temp):
+    """One REINFORCE step of model by torch's opt, scored by full forwards: returns KL(pi_old || pi_new) on the batch,
+    the sum over tokens of e^d - 1 - d, d = log pi_new - log pi_old."""
+    old = full_logp(model, batch, temp).detach()
+    (-(adv[:, None] * full_logp(model, batch, temp)).sum(1).mean()).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    with torch.no_grad():
+        d = full_logp(model, batch, temp) - old
+    return (torch.exp(d) - 1 - d).sum(1).mean().item()
+
+
 def test_trust_region_takes_the_largest_halved_step_within_max_kl():
     """reinforce_step(max_kl): the step it keeps is a plain AdamW step at lr / 2^k for the smallest k whose
     KL(pi_old || pi_new) on the batch (sum over tokens of e^d - 1 - d, d = log pi_new - log pi_old) is at
@@ -914,23 +933,10 @@ def test_trust_region_takes_the_largest_halved_step_within_max_kl():
     torch.manual_seed(0)
     batch = dpg.sample(gen, tok, ["Rephrase: a b", "Rephrase: the river"], 4, 6, temp)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5] * 2)
-    n = batch["n_prompt"]
-
-    def logp(model):  # (N, Tr) by a full forward of prompt + response
-        pos = (batch["attn"].cumsum(1) - 1).clamp(min=0)
-        logits = model(batch["ids"], attention_mask=batch["attn"], position_ids=pos).logits[:, n - 1:-1] / temp
-        return torch.log_softmax(logits, -1).gather(-1, batch["ids"][:, n:, None])[..., 0] * batch["rmask"]
 
     def replay(lr):  # a fresh AdamW step from the same state: (generator, its KL on the batch)
         g = copy.deepcopy(gen)
-        opt = torch.optim.AdamW(g.parameters(), lr=lr)
-        old = logp(g).detach()
-        (-(adv[:, None] * logp(g)).sum(1).mean()).backward()
-        torch.nn.utils.clip_grad_norm_(g.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            d = logp(g) - old
-        return g, (torch.exp(d) - 1 - d).sum(1).mean().item()
+        return g, replayed_step(g, torch.optim.AdamW(g.parameters(), lr=lr), batch, adv, temp)
 
     lr = 3e-2
     kls = [replay(lr / 2**k)[1] for k in range(4)]
@@ -969,16 +975,10 @@ def test_trust_region_from_a_used_adamw_state(k):
     torch.manual_seed(0)
     batch = dpg.sample(gen, tok, ["Rephrase: a b", "Rephrase: the river"], 4, 6, temp)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5] * 2, dtype=torch.float64)
-    n = batch["n_prompt"]
     opt = torch.optim.AdamW(gen.parameters(), lr=lr)
     for a in (adv.flip(0), adv.roll(1)):  # two plain steps: AdamW holds moments and step = 2
         dpg.reinforce_step(gen, opt, batch, a, temp, 1.0)
     assert all(int(st["step"]) == 2 for st in opt.state.values())
-
-    def logp(model):  # (N, Tr) by a full forward of prompt + response
-        pos = (batch["attn"].cumsum(1) - 1).clamp(min=0)
-        logits = model(batch["ids"], attention_mask=batch["attn"], position_ids=pos).logits[:, n - 1:-1] / temp
-        return torch.log_softmax(logits, -1).gather(-1, batch["ids"][:, n:, None])[..., 0] * batch["rmask"]
 
     def replay(j):  # AdamW at lr / 2^j from a copy of the used state: (generator, its optimizer, its KL)
         g = copy.deepcopy(gen)
@@ -986,13 +986,7 @@ def test_trust_region_from_a_used_adamw_state(k):
         o.load_state_dict(copy.deepcopy(opt.state_dict()))
         o.param_groups[0]["lr"] = lr / 2**j
         o.zero_grad()  # the copy holds the last step's gradient
-        old = logp(g).detach()
-        (-(adv[:, None] * logp(g)).sum(1).mean()).backward()
-        torch.nn.utils.clip_grad_norm_(g.parameters(), 1.0)
-        o.step()
-        with torch.no_grad():
-            d = logp(g) - old
-        return g, o, (torch.exp(d) - 1 - d).sum(1).mean().item()
+        return g, o, replayed_step(g, o, batch, adv, temp)
 
     replays = [replay(j) for j in range(5)]
     kls = [x[2] for x in replays]
