@@ -586,6 +586,8 @@ def run(cfg, task=None):
     out, main_rank = out_dir(cfg, task), rank() == 0
     say = print if main_rank else lambda *a, **k: None
     cfg, s = setup(cfg, task, out)  # refuses a folder with another run, before anything is built or written
+    if ranks() > 1:  # every rank has read the folder (setup) before rank 0 writes in it
+        torch.distributed.barrier()
     if cfg.resume and s.checkpoint is None:
         say(f"--resume: {out} holds no checkpoint.pt: starting a fresh run")
     try:
@@ -1413,10 +1415,8 @@ def atomic(path, write):
 def fsync(path):
     """Flush a file, or a folder's list of names, to the disk."""
     fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    os.fsync(fd)  # an error here (a failing disk) ends the write, and the run, anyway
+    os.close(fd)
 
 def remove(path):
     """Delete the file or folder at path, if there is one."""
