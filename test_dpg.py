@@ -1908,8 +1908,9 @@ def free_port():
 
 
 @pytest.mark.parametrize("M,credit", [(4, "token"), (1, "label")])
-def test_torchrun_cli_resumes_and_logs_the_one_process_phi(tmp_path, M, credit, monkeypatch):
-    """torchrun --nproc-per-node 2 (gloo): 2 steps, stop, --resume to 3. One set of outputs (rank 0's); the
+def test_torchrun_cli_resumes_and_logs_the_one_process_phi(tmp_path, M, credit, monkeypatch, capsys):
+    """torchrun --nproc-per-node 2 (gloo): 2 steps, stop, --resume to 3; in one process the resume is refused. One
+    set of outputs (rank 0's); the
     logged Phi of steps 0 and 2 equals Phi after a one-process inner SFT on both ranks' samples of that step,
     drawn again here as each rank drew them (with the generator of the checkpoint step 2 resumed from).
     M = 1 with --credit label (the 67 default): the logged Phi is label_rewards' own."""
@@ -1926,6 +1927,10 @@ def test_torchrun_cli_resumes_and_logs_the_one_process_phi(tmp_path, M, credit, 
             shutil.copy(out / "checkpoint.pt", tmp_path / "after-2-steps.pt")
     assert proc.stdout.count('"phi_after"') == 1  # rank 0 alone prints (and writes) the summary
     assert sorted(os.listdir(out)) == ["67.png", "checkpoint.pt", "generator", "metrics.jsonl", "summary.json"]
+    before = folder_bytes(out)  # each rank's data follows the world size: resumed in one process, it is refused
+    assert main_in(tmp_path, monkeypatch, *args[1:], "--steps", "4", "--resume") == 2
+    monkeypatch.undo()
+    assert "ran in 2 torchrun process(es), this in 1" in capsys.readouterr().err and folder_bytes(out) == before
     rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [0, 1, 2]
     # one process: N = 8, B = 8 / M
