@@ -41,26 +41,26 @@ def parse(argv=None):
     return p, p.parse_args(argv)
 
 
-class MeasuredReward(dpg.TRLReward):
-    """dpg.TRLReward that also logs the task's success measure every `every` steps, after a plain inner SFT on the
-    batch (as dpg.run's rows have it); `measure_s` counts the seconds spent so, which the summary leaves out."""
+def measured_reward(s, every):
+    """dpg.TRLReward, which also logs the task's success measure every `every` steps after a plain inner SFT on the
+    batch (as dpg.run's rows have it); its `measure_s` counts the seconds spent so, which the summary leaves out."""
+    reward = dpg.TRLReward(s.target, s.ttok, s.phi, s.hp, s.L, generator_tokenizer=s.gtok)
 
-    def __init__(self, s, every):
-        super().__init__(s.target, s.ttok, s.phi, s.hp, s.L, generator_tokenizer=s.gtok)
-        self.measure, self.every, self.measure_s = s.measure, every, 0.0
-
-    def __call__(self, prompts, completions, completion_ids, log_metric=None, trainer_state=None, **kwargs):
-        r = super().__call__(prompts, completions, completion_ids, log_metric, **kwargs)
-        if log_metric and trainer_state is not None and trainer_state.global_step % self.every == 0:
+    def dpg_reward(prompts, completions, completion_ids, log_metric=None, trainer_state=None, **kwargs):
+        r = reward(prompts, completions, completion_ids, log_metric, **kwargs)
+        if log_metric and trainer_state is not None and trainer_state.global_step % every == 0:
             t = time.time()
-            eps = torch.ones(len(r), device=self.target.device)
-            w = dpg.inner_sft(self.loss_fn(completions, completion_ids), self.w0, eps, self.hp)
+            eps = torch.ones(len(r), device=s.dev)
+            w = dpg.inner_sft(reward.loss_fn(completions, completion_ids), reward.w0, eps, s.hp)
             with torch.no_grad():
                 texts = dpg.all_lists([c[-1]["content"] if isinstance(c, list) else c for c in completions])
-                for k, v in self.measure(w, texts).items():
+                for k, v in s.measure(w, texts).items():
                     log_metric(f"dpg/{k}", v)
-            self.measure_s += time.time() - t
+            dpg_reward.measure_s += time.time() - t
         return r
+
+    dpg_reward.__name__, dpg_reward.measure_s = reward.__name__, 0.0  # TRL names the reward's log columns after it
+    return dpg_reward
 
 
 def evaluate(cfg, s):
@@ -99,7 +99,7 @@ def main(argv=None):
         use_cpu=cfg.device == "cpu", bf16=a.bf16, use_vllm=a.vllm, vllm_mode="colocate",
         vllm_gpu_memory_utilization=a.vllm_memory, logging_steps=cfg.log_every, save_strategy="no",
         report_to="none", disable_tqdm=True)
-    reward = MeasuredReward(s, cfg.log_every)
+    reward = measured_reward(s, cfg.log_every)
     prompts = dpg.prompt_texts(s.gtok, s.passages, 0, len(s.passages))
     trainer = GRPOTrainer(model=s.gen, reward_funcs=[reward], args=args, processing_class=s.gtok,
                           train_dataset=Dataset.from_dict({"prompt": prompts}))
