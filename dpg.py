@@ -608,9 +608,9 @@ def run(cfg, task=None):
             return {"phi": s.phi(w).item(), **measured, "samples": samples}, w
 
     def save(done):  # after `done` whole steps, each logged: the generator, AdamW and what a resume checks and needs
-        state = {"format": CHECKPOINT, "config": dataclasses.asdict(cfg), "ranks": ranks(), "step": done,
-                 "generator": gen.state_dict(), "optimizer": opt.state_dict(), "seconds": elapsed, "before": before}
         if main_rank:
+            state = {"format": CHECKPOINT, "config": dataclasses.asdict(cfg), "ranks": ranks(), "step": done,
+                     "generator": gen.state_dict(), "optimizer": opt.state_dict(), "seconds": elapsed, "before": before}
             atomic(ckpt, lambda path: torch.save(state, path))
         return done
 
@@ -628,7 +628,7 @@ def run(cfg, task=None):
         else:
             if main_rank:  # nothing of an older run stays (--overwrite); the log, held open here, is emptied
                 log.truncate(0)
-                for f in ("checkpoint.pt", "summary.json", "generator", f"{cfg.task}.png"):
+                for f in set(RUN_FILES + (f"{cfg.task}.png",)) - {"metrics.jsonl"}:
                     remove(os.path.join(out, f))
             before, _ = evaluate(*rollout(cfg, s, 0, eval_seed))
         say(f"{task_name(cfg, s.task)} {cfg.reward}: N={N * ranks()} examples/step, M={n_inner_steps(N, hp)} inner "
