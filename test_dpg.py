@@ -2070,13 +2070,9 @@ def test_trl_two_ranks_reward_as_one_process(tmp_path):
     """torchrun --nproc-per-node 2 (gloo), a 2-step GRPOTrainer run, 4 completions per rank and step: each rank's
     rewards equal one process's dpg_rewards on both ranks' completions over their std, to 1e-8 in float64; each
     rank's Phi is that process's; the generator's weights change, the same on both ranks."""
-    import socket
-    with socket.socket() as s:  # a port no other job on the machine holds, for the ranks' rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     (tmp_path / "worker.py").write_text(TRL_WORKER.format(here=HERE))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2", "--master-addr",
-           "127.0.0.1", "--master-port", str(port), "worker.py"]
+           "127.0.0.1", "--master-port", str(free_port()), "worker.py"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
